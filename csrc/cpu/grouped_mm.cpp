@@ -1,0 +1,123 @@
+// Grouped GEMM on the CPU: one BLAS call per expert on views of a, b and the output.
+//
+// Contract (that of torch._grouped_mm, 2D x 3D): a [N, K], b [E, K, M], offs [E] int32 cumulative
+// row ends; rows offs[e-1]:offs[e] of the output are a[rows] @ b[e]; rows past offs[E-1] are zero.
+// The weight gradient grad_b[e] = a[rows]^T @ grad_out[rows] is a grouped GEMM whose reduction
+// length varies by group; an expert with no rows gets zeros.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "common.h"
+
+namespace moefast {
+namespace {
+
+// Checks offs against E groups and N rows: int32, 1-D, non-decreasing, within [0, N].
+void check_offs(const at::Tensor& offs, int64_t E, int64_t N, const char* op) {
+  check_dim(offs, 1, op, "offs", "[E]");
+  check_int32(offs, op, "offs");
+  TORCH_CHECK_VALUE(offs.size(0) == E, "moefast.", op, ": offs must have one entry per group, E = ",
+                    E, ", got ", offs.size(0));
+  const at::Tensor o = offs.contiguous();
+  const int32_t* p = o.const_data_ptr<int32_t>();
+  int32_t prev = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    TORCH_CHECK_VALUE(p[e] >= prev, "moefast.", op, ": offs must be non-decreasing and >= 0, got ",
+                      "offs[", e, "] = ", p[e], " after ", prev);
+    prev = p[e];
+  }
+  TORCH_CHECK_VALUE(E == 0 || prev <= N, "moefast.", op, ": offs[-1] = ", prev,
+                    " is past the number of rows N = ", N);
+}
+
+// Runs fn(e) for every expert: in parallel over experts when groups are small (each BLAS call is
+// then too small to use several threads well), otherwise one after the other with threaded BLAS.
+template <typename Fn>
+void for_each_group(int64_t E, int64_t rows, int64_t K, int64_t M, const Fn& fn) {
+  const double flops_per_group = 2.0 * static_cast<double>(rows) * K * M / std::max<int64_t>(E, 1);
+  if (E > 1 && flops_per_group < 4.0e6) {
+    at::parallel_for(0, E, 1, [&](int64_t b, int64_t e_end) {
+      const KernelGuard guard;  // dispatch-key TLS does not follow into the worker threads
+      for (int64_t e = b; e < e_end; ++e) fn(e);
+    });
+  } else {
+    for (int64_t e = 0; e < E; ++e) fn(e);
+  }
+}
+
+at::Tensor grouped_mm_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor& offs) {
+  const KernelGuard guard;
+  const char* op = "grouped_mm";
+  check_dim(a, 2, op, "a", "[N, K]");
+  check_dim(b, 3, op, "b", "[E, K, M]");
+  check_floating(a, op, "a");
+  TORCH_CHECK_TYPE(a.scalar_type() == b.scalar_type(), "moefast.grouped_mm: a and b must share a "
+                   "dtype, got ", a.scalar_type(), " and ", b.scalar_type());
+  check_same_device(a, b, op, "a", "b");
+  check_same_device(a, offs, op, "a", "offs");
+  TORCH_CHECK_VALUE(a.size(1) == b.size(1), "moefast.grouped_mm: a [N, K] and b [E, K, M] must "
+                    "agree on K, got a ", a.sizes(), " and b ", b.sizes());
+  const int64_t N = a.size(0);
+  const int64_t E = b.size(0);
+  const int64_t K = a.size(1);
+  const int64_t M = b.size(2);
+  check_offs(offs, E, N, op);
+  at::Tensor out = at::empty({N, M}, a.options());
+  const at::Tensor o = offs.contiguous();
+  const int32_t* ends = o.const_data_ptr<int32_t>();
+  const int64_t used = E == 0 ? 0 : ends[E - 1];
+  for_each_group(E, used, K, M, [&](int64_t e) {
+    const int64_t begin = group_begin(ends, e);
+    const int64_t end = group_end(ends, e);
+    if (end == begin) return;
+    at::Tensor dst = out.narrow(0, begin, end - begin);
+    at::mm_out(dst, a.narrow(0, begin, end - begin), b.select(0, e));
+  });
+  if (used < N) out.narrow(0, used, N - used).zero_();
+  return out;
+}
+
+at::Tensor grouped_mm_weight_grad_cpu(const at::Tensor& a, const at::Tensor& grad_out,
+                                      const at::Tensor& offs) {
+  const KernelGuard guard;
+  const char* op = "grouped_mm (weight gradient)";
+  check_dim(a, 2, op, "a", "[N, K]");
+  check_dim(grad_out, 2, op, "grad_out", "[N, M]");
+  check_floating(a, op, "a");
+  TORCH_CHECK_TYPE(a.scalar_type() == grad_out.scalar_type(), "moefast.", op,
+                   ": a and grad_out must share a dtype, got ", a.scalar_type(), " and ",
+                   grad_out.scalar_type());
+  TORCH_CHECK_VALUE(a.size(0) == grad_out.size(0), "moefast.", op,
+                    ": a and grad_out must have the same rows, got ", a.sizes(), " and ",
+                    grad_out.sizes());
+  check_dim(offs, 1, op, "offs", "[E]");
+  const int64_t N = a.size(0);
+  const int64_t E = offs.size(0);
+  const int64_t K = a.size(1);
+  const int64_t M = grad_out.size(1);
+  check_offs(offs, E, N, op);
+  at::Tensor grad_b = at::empty({E, K, M}, a.options());
+  const at::Tensor o = offs.contiguous();
+  const int32_t* ends = o.const_data_ptr<int32_t>();
+  const int64_t used = E == 0 ? 0 : ends[E - 1];
+  for_each_group(E, used, K, M, [&](int64_t e) {
+    const int64_t begin = group_begin(ends, e);
+    const int64_t end = group_end(ends, e);
+    at::Tensor dst = grad_b.select(0, e);
+    if (end == begin) {
+      dst.zero_();
+      return;
+    }
+    at::mm_out(dst, a.narrow(0, begin, end - begin).t(), grad_out.narrow(0, begin, end - begin));
+  });
+  return grad_b;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(moefast, CPU, m) {
+  m.impl("grouped_mm", &grouped_mm_cpu);
+  m.impl("grouped_mm_weight_grad", &grouped_mm_weight_grad_cpu);
+}
+
+}  // namespace moefast

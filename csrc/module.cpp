@@ -1,0 +1,21 @@
+// The Python extension module moefast._C. Loading it registers the torch.ops.moefast ops (the
+// other translation units hold the TORCH_LIBRARY blocks); this file exposes what is not an op.
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#ifndef MOEFAST_VERSION
+#define MOEFAST_VERSION "0.0.0"
+#endif
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "moefast native extension: registers torch.ops.moefast and exposes build facts";
+  m.attr("__version__") = MOEFAST_VERSION;
+#ifdef MOEFAST_WITH_CUDA
+  m.attr("with_cuda") = true;
+#else
+  m.attr("with_cuda") = false;
+#endif
+  m.attr("router_modes") = pybind11::make_tuple("softmax_topk", "topk_softmax", "hard", "dense");
+  m.def("parallel_info", []() { return at::get_parallel_info(); },
+        "ATen's description of its CPU threading (OpenMP, MKL, threads), as the kernels see it.");
+}

@@ -1,0 +1,31 @@
+// The schemas of every moefast op, in one place. Device kernels register against these with
+// TORCH_LIBRARY_IMPL (csrc/cpu/*.cpp, csrc/cuda/*.cu); fake kernels and autograd live in
+// moefast/ops.py.
+#include <torch/library.h>
+
+TORCH_LIBRARY(moefast, m) {
+  // logits [T, E] -> weights [T, k] (dtype of logits), expert_ids [T, k] int32.
+  m.def("router(Tensor logits, int k, str mode, bool normalize) -> (Tensor, Tensor)");
+  // grad_weights [T, k], logits [T, E], expert_ids [T, k] -> grad_logits [T, E].
+  m.def(
+      "router_backward(Tensor grad_weights, Tensor logits, Tensor expert_ids, str mode, "
+      "bool normalize) -> Tensor");
+  // expert_ids [T, k] int32 -> counts [E], offs [E], position [T, k], order [T * k], all int32.
+  m.def("routing_plan(Tensor expert_ids, int num_experts) -> (Tensor, Tensor, Tensor, Tensor)");
+  // x [T, d] -> [T * k, d]: out[position[t, j]] = weights[t, j] * x[t] (weight 1 if None).
+  m.def("permute(Tensor x, Tensor position, Tensor? weights) -> Tensor");
+  // y [T * k, d] -> [T, d]: out[t] = sum_j weights[t, j] * y[position[t, j]] (weight 1 if None).
+  m.def("unpermute(Tensor y, Tensor position, Tensor? weights) -> Tensor");
+  // grad_out [T, d], y [T * k, d] -> [T, k] in the accumulation dtype (float32, or float64).
+  m.def("unpermute_weight_grad(Tensor grad_out, Tensor y, Tensor position) -> Tensor");
+  // a [N, K], b [E, K, M], offs [E] int32 cumulative row ends -> [N, M].
+  m.def("grouped_mm(Tensor a, Tensor b, Tensor offs) -> Tensor");
+  // a [N, K], grad_out [N, M], offs [E] -> grad_b [E, K, M] = a_e^T @ grad_out_e per group.
+  m.def("grouped_mm_weight_grad(Tensor a, Tensor grad_out, Tensor offs) -> Tensor");
+  // gate_logits [B, E], expert_out [E, B, C] -> [B, C].
+  m.def("mixture(Tensor gate_logits, Tensor expert_out) -> Tensor");
+  // grad_out [B, C] -> grad_gate_logits [B, E], grad_expert_out [E, B, C].
+  m.def(
+      "mixture_backward(Tensor grad_out, Tensor gate_logits, Tensor expert_out) -> "
+      "(Tensor, Tensor)");
+}

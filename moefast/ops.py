@@ -1,0 +1,479 @@
+"""The functional API of moefast: routing, dispatch, grouped GEMM, combine, mixture and losses.
+
+Every function checks its arguments (shapes, dtypes, devices) and raises ``ValueError`` or
+``TypeError`` naming the argument at fault, then calls a ``torch.ops.moefast`` custom op. The ops
+are registered in C++ (``csrc/ops.cpp``); this module gives them fake kernels, so that
+``torch.compile(fullgraph=True)`` traces them, and autograd, registered once per op with
+``torch.library.register_autograd``.
+
+Conventions (see DESIGN.md):
+
+- ``T`` tokens, ``E`` experts, ``k`` experts per token; a *slot* is the flat index ``t * k + j``
+  of the ``j``-th choice of token ``t``.
+- ``offs`` is the int32 vector of cumulative row ends per expert, as in ``torch._grouped_mm``:
+  expert ``e`` owns rows ``offs[e-1]:offs[e]`` of the permuted tensor.
+- The permuted tensor always has ``T * k`` rows, grouped by expert in ascending expert order and,
+  inside one expert, in slot order (the order is stable, whatever the number of threads).
+- Softmax runs in float32 for float16/bfloat16 inputs; float64 stays float64.
+
+Nothing here reads a device value on the host, so a pipeline on the GPU never synchronises.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from . import _C  # noqa: F401  (loading the extension registers torch.ops.moefast)
+
+__all__ = [
+    "ROUTER_MODES",
+    "Routing",
+    "grouped_mm",
+    "load_balancing_loss",
+    "mixture",
+    "permute",
+    "route",
+    "routing_from_ids",
+    "unpermute",
+    "z_loss",
+]
+
+ROUTER_MODES = ("softmax_topk", "topk_softmax", "hard", "dense")
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_ops = torch.ops.moefast
+
+
+class Routing(NamedTuple):
+    """Where each token goes and with what weight; made by :func:`route` or :func:`routing_from_ids`.
+
+    A tuple of tensors, so it passes through ``torch.compile`` and can be saved or moved as is.
+
+    Fields:
+        expert_ids: ``[T, k]`` int32, the experts picked for each token.
+        weights: ``[T, k]``, the combine weight of each pick (differentiable when made by
+            :func:`route` from logits that require grad).
+        offs: ``[E]`` int32, cumulative row ends per expert in the permuted tensor.
+        counts: ``[E]`` int32, rows (token slots) per expert.
+        position: ``[T, k]`` int32, the permuted row that holds slot ``(t, j)``.
+        order: ``[T * k]`` int32, the slot held by each permuted row (the inverse of
+            ``position``); ``order // k`` is the token of each row.
+    """
+
+    expert_ids: Tensor
+    weights: Tensor
+    offs: Tensor
+    counts: Tensor
+    position: Tensor
+    order: Tensor
+
+
+# ----------------------------------------------------------------------------- argument checks
+
+
+def _check_tensor(op: str, name: str, t, dim: int, shape: str) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"moefast.{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != dim:
+        raise ValueError(f"moefast.{op}: {name} must be {dim}-D {shape}, got shape {tuple(t.shape)}")
+
+
+def _check_float(op: str, name: str, t: Tensor) -> None:
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(
+            f"moefast.{op}: {name} must be float32, float64, bfloat16 or float16, got {t.dtype}"
+        )
+
+
+def _check_device(op: str, name_a: str, a: Tensor, name_b: str, b: Tensor) -> None:
+    if a.device != b.device:
+        raise ValueError(
+            f"moefast.{op}: {name_a} and {name_b} must be on the same device, "
+            f"got {a.device} and {b.device}"
+        )
+
+
+def _check_routing(op: str, routing) -> None:
+    if not isinstance(routing, Routing):
+        raise TypeError(
+            f"moefast.{op}: routing must be a moefast.Routing (from route or routing_from_ids), "
+            f"got {type(routing).__name__}"
+        )
+
+
+def _check_weights(op: str, weights: Tensor, position: Tensor) -> None:
+    _check_tensor(op, "weights", weights, 2, "[T, k]")
+    _check_float(op, "weights", weights)
+    _check_device(op, "weights", weights, "routing", position)
+    if weights.shape != position.shape:
+        raise ValueError(
+            f"moefast.{op}: weights must be [T, k] = {tuple(position.shape)}, "
+            f"got {tuple(weights.shape)}"
+        )
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def route(logits: Tensor, k: int, *, mode: str = "softmax_topk", normalize: bool = False) -> Routing:
+    """Routes ``T`` tokens to ``k`` of ``E`` experts each, from router logits ``[T, E]``.
+
+    Modes:
+        - ``"softmax_topk"``: softmax over all ``E``, keep the ``k`` largest; with
+          ``normalize=True`` the kept weights are divided by their sum.
+        - ``"topk_softmax"``: pick the ``k`` largest logits, softmax over those ``k``.
+        - ``"hard"``: the arg-max expert with weight 1 and no gradient to the logits; ``k == 1``.
+        - ``"dense"``: every expert, in index order, weights softmax over all ``E``; ``k == E``.
+
+    The top-k ranks by logit, larger first; equal logits go to the lower expert index, and NaN
+    ranks above every number. Weights come in ``logits.dtype`` (softmax in float32 for 16-bit
+    inputs) and are differentiable except in mode ``"hard"``.
+    """
+    op = "route"
+    _check_tensor(op, "logits", logits, 2, "[T, E]")
+    _check_float(op, "logits", logits)
+    if mode not in ROUTER_MODES:
+        raise ValueError(f"moefast.route: mode must be one of {ROUTER_MODES}, got {mode!r}")
+    E = logits.shape[1]
+    if E < 1:
+        raise ValueError(f"moefast.route: logits must have at least one expert column, got shape {tuple(logits.shape)}")
+    if not isinstance(k, int) or isinstance(k, bool):
+        raise TypeError(f"moefast.route: k must be an int, got {type(k).__name__}")
+    if not 1 <= k <= E:
+        raise ValueError(f"moefast.route: k must be in [1, E] = [1, {E}], got k={k}")
+    if mode == "hard" and k != 1:
+        raise ValueError(f"moefast.route: mode 'hard' needs k == 1, got k={k}")
+    if mode == "dense" and k != E:
+        raise ValueError(f"moefast.route: mode 'dense' needs k == E == {E}, got k={k}")
+    weights, expert_ids = _ops.router(logits, k, mode, bool(normalize))
+    counts, offs, position, order = _ops.routing_plan(expert_ids, E)
+    return Routing(expert_ids, weights, offs, counts, position, order)
+
+
+def routing_from_ids(
+    expert_ids: Tensor, num_experts: int, weights: Tensor | None = None
+) -> Routing:
+    """A :class:`Routing` for assignments made elsewhere (k-means clusters, hashes, a policy).
+
+    ``expert_ids`` is ``[T, k]`` (or ``[T]``, taken as ``k = 1``) of int32 or int64 ids in
+    ``[0, num_experts)``; ``weights`` is ``[T, k]`` and defaults to ``1 / k`` in float32.
+    """
+    op = "routing_from_ids"
+    if isinstance(expert_ids, Tensor) and expert_ids.dim() == 1:
+        expert_ids = expert_ids.unsqueeze(1)
+    _check_tensor(op, "expert_ids", expert_ids, 2, "[T, k]")
+    if expert_ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"moefast.routing_from_ids: expert_ids must be int32 or int64, got {expert_ids.dtype}")
+    if not isinstance(num_experts, int) or num_experts < 1:
+        raise ValueError(f"moefast.routing_from_ids: num_experts must be a positive int, got {num_experts!r}")
+    T, k = expert_ids.shape
+    if k < 1:
+        raise ValueError("moefast.routing_from_ids: expert_ids needs at least one column (k >= 1)")
+    ids = expert_ids.to(torch.int32).contiguous()
+    if weights is None:
+        weights = torch.full((T, k), 1.0 / k, dtype=torch.float32, device=ids.device)
+    else:
+        _check_weights(op, weights, ids)
+    counts, offs, position, order = _ops.routing_plan(ids, num_experts)
+    return Routing(ids, weights, offs, counts, position, order)
+
+
+def permute(x: Tensor, routing: Routing) -> Tensor:
+    """Copies each token's row to its ``k`` slots, grouped by expert: ``[T, d] -> [T * k, d]``.
+
+    Row ``routing.position[t, j]`` of the result is ``x[t]``; rows ``offs[e-1]:offs[e]`` are the
+    tokens of expert ``e`` in (token, slot) order.
+    """
+    op = "permute"
+    _check_routing(op, routing)
+    _check_tensor(op, "x", x, 2, "[T, d]")
+    _check_float(op, "x", x)
+    _check_device(op, "x", x, "routing", routing.position)
+    if x.shape[0] != routing.position.shape[0]:
+        raise ValueError(
+            f"moefast.permute: x has {x.shape[0]} rows but the routing has "
+            f"T = {routing.position.shape[0]} tokens"
+        )
+    return _ops.permute(x, routing.position, None)
+
+
+def unpermute(y: Tensor, routing: Routing, weights: Tensor | None = None) -> Tensor:
+    """Combines expert outputs back into tokens: ``out[t] = sum_j w[t, j] * y[position[t, j]]``.
+
+    ``y`` is ``[T * k, d]`` in the permuted order; ``w`` is ``routing.weights`` unless ``weights``
+    is given. The sum runs in float32 for 16-bit ``y``. Gradients flow to ``y`` and to the weights
+    (and from ``routing.weights`` on to the router logits).
+    """
+    op = "unpermute"
+    _check_routing(op, routing)
+    _check_tensor(op, "y", y, 2, "[T * k, d]")
+    _check_float(op, "y", y)
+    _check_device(op, "y", y, "routing", routing.position)
+    n = routing.position.shape[0] * routing.position.shape[1]
+    if y.shape[0] != n:
+        raise ValueError(f"moefast.unpermute: y must have T * k = {n} rows, got {y.shape[0]}")
+    w = routing.weights if weights is None else weights
+    _check_weights(op, w, routing.position)
+    return _ops.unpermute(y, routing.position, w)
+
+
+def grouped_mm(a: Tensor, b: Tensor, offs: Tensor) -> Tensor:
+    """Grouped matrix product, ``torch._grouped_mm``'s 2D x 3D contract.
+
+    ``a [N, K]``, ``b [E, K, M]``, ``offs [E]`` int32 cumulative row ends: rows
+    ``offs[e-1]:offs[e]`` of the result are those rows of ``a`` times ``b[e]``; rows past
+    ``offs[-1]`` are zero. ``offs`` must be non-decreasing with ``offs[-1] <= N``. Differentiable in
+    ``a`` and ``b``; an expert with no rows gets a zero gradient.
+    """
+    op = "grouped_mm"
+    _check_tensor(op, "a", a, 2, "[N, K]")
+    _check_tensor(op, "b", b, 3, "[E, K, M]")
+    _check_tensor(op, "offs", offs, 1, "[E]")
+    _check_float(op, "a", a)
+    if b.dtype != a.dtype:
+        raise TypeError(f"moefast.grouped_mm: a and b must share a dtype, got {a.dtype} and {b.dtype}")
+    if offs.dtype != torch.int32:
+        raise TypeError(f"moefast.grouped_mm: offs must be int32, got {offs.dtype}")
+    _check_device(op, "a", a, "b", b)
+    _check_device(op, "a", a, "offs", offs)
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(
+            f"moefast.grouped_mm: a [N, K] and b [E, K, M] must agree on K, "
+            f"got a {tuple(a.shape)} and b {tuple(b.shape)}"
+        )
+    if offs.shape[0] != b.shape[0]:
+        raise ValueError(
+            f"moefast.grouped_mm: offs must have one entry per group, E = {b.shape[0]}, "
+            f"got {offs.shape[0]}"
+        )
+    return _ops.grouped_mm(a, b, offs)
+
+
+def mixture(gate_logits: Tensor, expert_out: Tensor) -> Tensor:
+    """Gated mixture ``out[b] = sum_e softmax(gate_logits[b])[e] * expert_out[e, b]``, fused.
+
+    ``gate_logits [B, E]``, ``expert_out [E, B, C]`` -> ``[B, C]``; the adaptive-fusion combine.
+    """
+    op = "mixture"
+    _check_tensor(op, "gate_logits", gate_logits, 2, "[B, E]")
+    _check_tensor(op, "expert_out", expert_out, 3, "[E, B, C]")
+    _check_float(op, "gate_logits", gate_logits)
+    if expert_out.dtype != gate_logits.dtype:
+        raise TypeError(
+            f"moefast.mixture: gate_logits and expert_out must share a dtype, "
+            f"got {gate_logits.dtype} and {expert_out.dtype}"
+        )
+    _check_device(op, "gate_logits", gate_logits, "expert_out", expert_out)
+    B, E = gate_logits.shape
+    if E < 1:
+        raise ValueError("moefast.mixture: gate_logits needs at least one expert column")
+    if expert_out.shape[0] != E or expert_out.shape[1] != B:
+        raise ValueError(
+            f"moefast.mixture: expert_out must be [E, B, C] with E = {E}, B = {B} from "
+            f"gate_logits [B, E], got {tuple(expert_out.shape)}"
+        )
+    return _ops.mixture(gate_logits, expert_out)
+
+
+def load_balancing_loss(logits: Tensor, routing: Routing) -> Tensor:
+    """Switch-Transformer load-balancing loss, ``E * sum_e f_e * P_e``.
+
+    ``f_e`` is the fraction of the ``T * k`` routed slots that went to expert ``e`` (from
+    ``routing.counts``, not differentiable) and ``P_e`` the mean router probability of expert
+    ``e`` (differentiable). It is 1 when routing and probabilities are uniform, and grows as they
+    concentrate on the same experts. Returned in float32 (float64 for float64 logits).
+    """
+    op = "load_balancing_loss"
+    _check_tensor(op, "logits", logits, 2, "[T, E]")
+    _check_float(op, "logits", logits)
+    _check_routing(op, routing)
+    T, E = logits.shape
+    if routing.counts.shape[0] != E or routing.expert_ids.shape[0] != T:
+        raise ValueError(
+            f"moefast.load_balancing_loss: routing is for T = {routing.expert_ids.shape[0]} tokens "
+            f"and E = {routing.counts.shape[0]} experts, logits are {tuple(logits.shape)}"
+        )
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    if T == 0:
+        return logits.new_zeros((), dtype=acc)
+    f = routing.counts.to(acc) / routing.expert_ids.numel()
+    p = torch.softmax(logits.to(acc), dim=-1).mean(dim=0)
+    return E * torch.dot(f, p)
+
+
+def z_loss(logits: Tensor) -> Tensor:
+    """Router z-loss (ST-MoE): the mean over tokens of ``logsumexp(logits)^2``, in float32."""
+    _check_tensor("z_loss", "logits", logits, 2, "[T, E]")
+    _check_float("z_loss", "logits", logits)
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    if logits.shape[0] == 0:
+        return logits.new_zeros((), dtype=acc)
+    return torch.logsumexp(logits.to(acc), dim=-1).square().mean()
+
+
+# ----------------------------------------------------------------------------- fake kernels
+
+
+def _opmath(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("moefast::router")
+def _router_fake(logits, k, mode, normalize):
+    T = logits.shape[0]
+    return logits.new_empty((T, k)), logits.new_empty((T, k), dtype=torch.int32)
+
+
+@torch.library.register_fake("moefast::router_backward")
+def _router_backward_fake(grad_weights, logits, expert_ids, mode, normalize):
+    return logits.new_empty(logits.shape)
+
+
+@torch.library.register_fake("moefast::routing_plan")
+def _routing_plan_fake(expert_ids, num_experts):
+    i32 = torch.int32
+    return (
+        expert_ids.new_empty((num_experts,), dtype=i32),
+        expert_ids.new_empty((num_experts,), dtype=i32),
+        expert_ids.new_empty(expert_ids.shape, dtype=i32),
+        expert_ids.new_empty((expert_ids.numel(),), dtype=i32),
+    )
+
+
+@torch.library.register_fake("moefast::permute")
+def _permute_fake(x, position, weights):
+    return x.new_empty((position.shape[0] * position.shape[1], x.shape[1]))
+
+
+@torch.library.register_fake("moefast::unpermute")
+def _unpermute_fake(y, position, weights):
+    return y.new_empty((position.shape[0], y.shape[1]))
+
+
+@torch.library.register_fake("moefast::unpermute_weight_grad")
+def _unpermute_weight_grad_fake(grad_out, y, position):
+    return y.new_empty(position.shape, dtype=_opmath(y.dtype))
+
+
+@torch.library.register_fake("moefast::grouped_mm")
+def _grouped_mm_fake(a, b, offs):
+    return a.new_empty((a.shape[0], b.shape[2]))
+
+
+@torch.library.register_fake("moefast::grouped_mm_weight_grad")
+def _grouped_mm_weight_grad_fake(a, grad_out, offs):
+    return a.new_empty((offs.shape[0], a.shape[1], grad_out.shape[1]))
+
+
+@torch.library.register_fake("moefast::mixture")
+def _mixture_fake(gate_logits, expert_out):
+    return expert_out.new_empty((gate_logits.shape[0], expert_out.shape[2]))
+
+
+@torch.library.register_fake("moefast::mixture_backward")
+def _mixture_backward_fake(grad_out, gate_logits, expert_out):
+    return gate_logits.new_empty(gate_logits.shape), expert_out.new_empty(expert_out.shape)
+
+
+# ----------------------------------------------------------------------------- autograd
+
+
+def _router_setup(ctx, inputs, output):
+    logits, _k, mode, normalize = inputs
+    _weights, expert_ids = output
+    ctx.mode = mode
+    ctx.normalize = normalize
+    ctx.save_for_backward(logits, expert_ids)
+
+
+def _router_backward(ctx, grad_weights, _grad_ids):
+    if ctx.mode == "hard" or not ctx.needs_input_grad[0]:
+        return None, None, None, None
+    logits, expert_ids = ctx.saved_tensors
+    grad_logits = _ops.router_backward(grad_weights, logits, expert_ids, ctx.mode, ctx.normalize)
+    return grad_logits, None, None, None
+
+
+torch.library.register_autograd("moefast::router", _router_backward, setup_context=_router_setup)
+
+
+def _permute_setup(ctx, inputs, output):
+    x, position, weights = inputs
+    ctx.has_weights = weights is not None
+    ctx.weights_dtype = weights.dtype if weights is not None else None
+    ctx.save_for_backward(x if ctx.has_weights else None, position, weights)
+
+
+def _permute_backward(ctx, grad_out):
+    x, position, weights = ctx.saved_tensors
+    grad_x = grad_w = None
+    if ctx.needs_input_grad[0]:
+        grad_x = _ops.unpermute(grad_out, position, weights)
+    if ctx.has_weights and ctx.needs_input_grad[2]:
+        grad_w = _ops.unpermute_weight_grad(x, grad_out, position).to(ctx.weights_dtype)
+    return grad_x, None, grad_w
+
+
+torch.library.register_autograd("moefast::permute", _permute_backward, setup_context=_permute_setup)
+
+
+def _unpermute_setup(ctx, inputs, output):
+    y, position, weights = inputs
+    ctx.has_weights = weights is not None
+    ctx.weights_dtype = weights.dtype if weights is not None else None
+    needs_w = ctx.has_weights and weights.requires_grad
+    ctx.save_for_backward(y if needs_w else None, position, weights)
+
+
+def _unpermute_backward(ctx, grad_out):
+    y, position, weights = ctx.saved_tensors
+    grad_y = grad_w = None
+    if ctx.needs_input_grad[0]:
+        grad_y = _ops.permute(grad_out, position, weights)
+    if ctx.has_weights and ctx.needs_input_grad[2]:
+        grad_w = _ops.unpermute_weight_grad(grad_out, y, position).to(ctx.weights_dtype)
+    return grad_y, None, grad_w
+
+
+torch.library.register_autograd(
+    "moefast::unpermute", _unpermute_backward, setup_context=_unpermute_setup
+)
+
+
+def _grouped_mm_setup(ctx, inputs, output):
+    a, b, offs = inputs
+    ctx.save_for_backward(a, b, offs)
+
+
+def _grouped_mm_backward(ctx, grad_out):
+    a, b, offs = ctx.saved_tensors
+    grad_a = grad_b = None
+    if ctx.needs_input_grad[0]:
+        grad_a = _ops.grouped_mm(grad_out, b.transpose(1, 2), offs)
+    if ctx.needs_input_grad[1]:
+        grad_b = _ops.grouped_mm_weight_grad(a, grad_out, offs)
+    return grad_a, grad_b, None
+
+
+torch.library.register_autograd(
+    "moefast::grouped_mm", _grouped_mm_backward, setup_context=_grouped_mm_setup
+)
+
+
+def _mixture_setup(ctx, inputs, output):
+    gate_logits, expert_out = inputs
+    ctx.save_for_backward(gate_logits, expert_out)
+
+
+def _mixture_backward(ctx, grad_out):
+    gate_logits, expert_out = ctx.saved_tensors
+    grad_gate, grad_expert = _ops.mixture_backward(grad_out, gate_logits, expert_out)
+    return (
+        grad_gate if ctx.needs_input_grad[0] else None,
+        grad_expert if ctx.needs_input_grad[1] else None,
+    )
+
+
+torch.library.register_autograd("moefast::mixture", _mixture_backward, setup_context=_mixture_setup)

@@ -1,0 +1,133 @@
+"""Plain-PyTorch versions of every moefast op: the ground truth of the tests.
+
+Each function here computes what the matching op in :mod:`moefast.ops` computes, with ordinary
+differentiable torch operations and no custom kernels, so that autograd gives the reference
+gradients too. They favour clarity over speed (``grouped_mm`` loops over experts in Python) and
+read values on the host freely; never use them on a hot path.
+
+The conventions are those of ``moefast.ops``: ``expert_ids``, ``offs``, ``counts``, ``position``
+and ``order`` are int32; softmax runs in float32 for float16/bfloat16 inputs (float64 stays
+float64); top-k ranks by logit, larger first, NaN above every number, ties to the lower index.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+ROUTER_MODES = ("softmax_topk", "topk_softmax", "hard", "dense")
+
+
+def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the kernels accumulate in for inputs of ``dtype``."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def route(
+    logits: Tensor, k: int, mode: str = "softmax_topk", normalize: bool = False
+) -> tuple[Tensor, Tensor]:
+    """Returns ``(weights [T, k] in logits.dtype, expert_ids [T, k] int32)``."""
+    if mode not in ROUTER_MODES:
+        raise ValueError(f"mode must be one of {ROUTER_MODES}, got {mode!r}")
+    T, E = logits.shape
+    acc = logits.to(opmath_dtype(logits.dtype))
+    if mode == "dense":
+        ids = torch.arange(E, device=logits.device).expand(T, E)
+        return torch.softmax(acc, dim=-1).to(logits.dtype), ids.to(torch.int32)
+    # A stable descending sort puts equal logits in ascending index order and NaN first.
+    ids = torch.sort(acc.detach(), dim=-1, descending=True, stable=True).indices[:, :k]
+    if mode == "hard":
+        weights = torch.ones(T, k, dtype=logits.dtype, device=logits.device)
+    elif mode == "softmax_topk":
+        weights = torch.softmax(acc, dim=-1).gather(1, ids)
+        if normalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+    else:  # topk_softmax
+        weights = torch.softmax(acc.gather(1, ids), dim=-1)
+    return weights.to(logits.dtype), ids.to(torch.int32)
+
+
+def routing_plan(expert_ids: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns ``(counts [E], offs [E], position [T, k], order [T * k])``, all int32.
+
+    ``order`` lists the flat slots ``t * k + j`` grouped by expert in ascending expert order, and
+    in slot order inside one expert (a stable sort); ``position`` is its inverse.
+    """
+    flat = expert_ids.reshape(-1).long()
+    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= num_experts):
+        raise ValueError(f"expert_ids must be in [0, {num_experts})")
+    order = torch.sort(flat, stable=True).indices
+    counts = torch.bincount(flat, minlength=num_experts)
+    offs = torch.cumsum(counts, 0)
+    position = torch.empty_like(order)
+    position[order] = torch.arange(order.numel(), device=order.device)
+    i32 = torch.int32
+    return counts.to(i32), offs.to(i32), position.view(expert_ids.shape).to(i32), order.to(i32)
+
+
+def _flat_weights(weights: Tensor | None, shape, dtype, device) -> Tensor:
+    if weights is None:
+        return torch.ones(shape, dtype=dtype, device=device)
+    return weights.to(dtype)
+
+
+def permute(x: Tensor, position: Tensor, weights: Tensor | None = None) -> Tensor:
+    """``out[position[t, j]] = weights[t, j] * x[t]``; ``out`` has ``T * k`` rows."""
+    T, k = position.shape
+    acc = opmath_dtype(x.dtype)
+    w = _flat_weights(weights, (T, k), acc, x.device)
+    src = (x.to(acc).unsqueeze(1) * w.unsqueeze(-1)).reshape(T * k, x.shape[1])
+    order = torch.empty(T * k, dtype=torch.long, device=x.device)
+    order[position.reshape(-1).long()] = torch.arange(T * k, device=x.device)
+    return src[order].to(x.dtype)
+
+
+def unpermute(y: Tensor, position: Tensor, weights: Tensor | None = None) -> Tensor:
+    """``out[t] = sum_j weights[t, j] * y[position[t, j]]``, summed in the opmath dtype."""
+    T, k = position.shape
+    acc = opmath_dtype(y.dtype)
+    w = _flat_weights(weights, (T, k), acc, y.device)
+    rows = y.to(acc)[position.reshape(-1).long()].view(T, k, y.shape[1])
+    return (rows * w.unsqueeze(-1)).sum(dim=1).to(y.dtype)
+
+
+def grouped_mm(a: Tensor, b: Tensor, offs: Tensor) -> Tensor:
+    """Rows ``offs[e-1]:offs[e]`` of ``a`` times ``b[e]``; rows past ``offs[-1]`` are zero."""
+    ends = [int(v) for v in offs.tolist()]
+    pieces, begin = [], 0
+    for e, end in enumerate(ends):
+        pieces.append(a[begin:end].to(opmath_dtype(a.dtype)) @ b[e].to(opmath_dtype(b.dtype)))
+        begin = end
+    pieces.append(a.new_zeros(a.shape[0] - begin, b.shape[2], dtype=opmath_dtype(a.dtype)))
+    return torch.cat(pieces, dim=0).to(a.dtype)
+
+
+def mixture(gate_logits: Tensor, expert_out: Tensor) -> Tensor:
+    """``out[b] = sum_e softmax(gate_logits[b])[e] * expert_out[e, b]``."""
+    acc = opmath_dtype(gate_logits.dtype)
+    p = torch.softmax(gate_logits.to(acc), dim=-1)
+    return torch.einsum("be,ebc->bc", p, expert_out.to(acc)).to(expert_out.dtype)
+
+
+def load_balancing_loss(logits: Tensor, expert_ids: Tensor) -> Tensor:
+    """Switch-Transformer balance loss ``E * sum_e f_e * P_e``.
+
+    ``f_e`` is the fraction of the ``T * k`` routed slots that went to expert ``e`` and ``P_e`` the
+    mean router probability of ``e``; the loss is 1 when both are uniform.
+    """
+    T, E = logits.shape
+    acc = opmath_dtype(logits.dtype)
+    if T == 0:
+        return logits.new_zeros((), dtype=acc)
+    one_hot = torch.nn.functional.one_hot(expert_ids.long(), E).to(acc)  # [T, k, E]
+    f = one_hot.sum(dim=(0, 1)) / expert_ids.numel()
+    p = torch.softmax(logits.to(acc), dim=-1).mean(dim=0)
+    return E * (f * p).sum()
+
+
+def z_loss(logits: Tensor) -> Tensor:
+    """Router z-loss (ST-MoE): mean over tokens of ``logsumexp(logits)^2``."""
+    acc = opmath_dtype(logits.dtype)
+    if logits.shape[0] == 0:
+        return logits.new_zeros((), dtype=acc)
+    return torch.logsumexp(logits.to(acc), dim=-1).square().mean()

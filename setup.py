@@ -1,0 +1,76 @@
+"""Builds moefast and its native extension moefast._C with torch.utils.cpp_extension and ninja.
+
+C++ sources (csrc/*.cpp, csrc/cpu/*.cpp) are always built. CUDA sources (csrc/cuda/*.cu) are added
+when torch has CUDA and nvcc is found, or when MOEFAST_CUDA=1 forces them (compile checks on a machine
+without a GPU); MOEFAST_CUDA=0 turns them off. TORCH_CUDA_ARCH_LIST picks the GPU architectures, and
+nothing here asks a driver for a device. Install with `pip install --no-build-isolation -e .` against
+the torch already installed.
+"""
+
+import os
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).parent.resolve()
+VERSION = "0.1.0"
+
+
+def _want_cuda() -> bool:
+    flag = os.environ.get("MOEFAST_CUDA", "").strip()
+    if flag in ("0", "1"):
+        return flag == "1"
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    return torch.version.cuda is not None and CUDA_HOME is not None
+
+
+def _extensions():
+    from torch.utils.cpp_extension import CppExtension, CUDAExtension
+
+    sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cpp"))
+    sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cpu").glob("*.cpp"))
+    include_dirs = [str(ROOT / "csrc"), str(ROOT / "csrc" / "include"), str(ROOT / "csrc" / "cpu")]
+    debug = os.environ.get("MOEFAST_DEBUG", "0") == "1"
+    cxx_flags = ["-O0", "-g"] if debug else ["-O3"]
+    cxx_flags += ["-Wall", "-Wextra", "-Wno-unused-parameter", "-fopenmp"]
+    define_macros = [("MOEFAST_VERSION", f'"{VERSION}"')]
+    cuda_sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").glob("*.cu"))
+    if _want_cuda() and cuda_sources:
+        define_macros.append(("MOEFAST_WITH_CUDA", None))
+        nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
+        return [
+            CUDAExtension(
+                "moefast._C",
+                sources + cuda_sources,
+                include_dirs=include_dirs + [str(ROOT / "csrc" / "cuda")],
+                define_macros=define_macros,
+                extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+                extra_link_args=["-fopenmp"],
+            )
+        ]
+    return [
+        CppExtension(
+            "moefast._C",
+            sources,
+            include_dirs=include_dirs,
+            define_macros=define_macros,
+            extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=["-fopenmp"],
+        )
+    ]
+
+
+def _build_ext():
+    from torch.utils.cpp_extension import BuildExtension
+
+    return BuildExtension.with_options(use_ninja=True)
+
+
+setup(
+    version=VERSION,
+    packages=find_packages(include=["moefast", "moefast.*"]),
+    ext_modules=_extensions(),
+    cmdclass={"build_ext": _build_ext()},
+)
