@@ -44,7 +44,7 @@ def _extensions():
             CUDAExtension(
                 "moefast._C",
                 sources + cuda_sources,
-                include_dirs=include_dirs + [str(ROOT / "csrc" / "cuda")],
+                include_dirs=[*include_dirs, str(ROOT / "csrc" / "cuda")],
                 define_macros=define_macros,
                 extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
                 extra_link_args=["-fopenmp"],

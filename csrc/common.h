@@ -29,8 +29,10 @@ inline RouterMode parse_router_mode(const std::string& mode) {
   if (mode == "topk_softmax") return RouterMode::kTopkSoftmax;
   if (mode == "hard") return RouterMode::kHard;
   if (mode == "dense") return RouterMode::kDense;
-  TORCH_CHECK_VALUE(false, "moefast: mode must be one of 'softmax_topk', 'topk_softmax', 'hard', "
-                           "'dense'; got '", mode, "'");
+  TORCH_CHECK_VALUE(false,
+                    "moefast: mode must be one of 'softmax_topk', 'topk_softmax', 'hard', "
+                    "'dense'; got '",
+                    mode, "'");
 }
 
 inline void check_floating(const at::Tensor& t, const char* op, const char* name) {
@@ -45,8 +47,8 @@ inline void check_dim(const at::Tensor& t, int64_t dim, const char* op, const ch
 }
 
 inline void check_int32(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK_TYPE(t.scalar_type() == at::kInt, "moefast.", op, ": ", name,
-                   " must be int32, got ", t.scalar_type());
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kInt, "moefast.", op, ": ", name, " must be int32, got ",
+                   t.scalar_type());
 }
 
 inline void check_same_device(const at::Tensor& a, const at::Tensor& b, const char* op,

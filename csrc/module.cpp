@@ -16,6 +16,7 @@ PYBIND11_MODULE(_C, m) {
   m.attr("with_cuda") = false;
 #endif
   m.attr("router_modes") = pybind11::make_tuple("softmax_topk", "topk_softmax", "hard", "dense");
-  m.def("parallel_info", []() { return at::get_parallel_info(); },
-        "ATen's description of its CPU threading (OpenMP, MKL, threads), as the kernels see it.");
+  m.def(
+      "parallel_info", []() { return at::get_parallel_info(); },
+      "ATen's description of its CPU threading (OpenMP, MKL, threads), as the kernels see it.");
 }

@@ -77,7 +77,9 @@ def _check_tensor(op: str, name: str, t, dim: int, shape: str) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"moefast.{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dim() != dim:
-        raise ValueError(f"moefast.{op}: {name} must be {dim}-D {shape}, got shape {tuple(t.shape)}")
+        raise ValueError(
+            f"moefast.{op}: {name} must be {dim}-D {shape}, got shape {tuple(t.shape)}"
+        )
 
 
 def _check_float(op: str, name: str, t: Tensor) -> None:
@@ -117,7 +119,9 @@ def _check_weights(op: str, weights: Tensor, position: Tensor) -> None:
 # ----------------------------------------------------------------------------- public API
 
 
-def route(logits: Tensor, k: int, *, mode: str = "softmax_topk", normalize: bool = False) -> Routing:
+def route(
+    logits: Tensor, k: int, *, mode: str = "softmax_topk", normalize: bool = False
+) -> Routing:
     """Routes ``T`` tokens to ``k`` of ``E`` experts each, from router logits ``[T, E]``.
 
     Modes:
@@ -138,7 +142,9 @@ def route(logits: Tensor, k: int, *, mode: str = "softmax_topk", normalize: bool
         raise ValueError(f"moefast.route: mode must be one of {ROUTER_MODES}, got {mode!r}")
     E = logits.shape[1]
     if E < 1:
-        raise ValueError(f"moefast.route: logits must have at least one expert column, got shape {tuple(logits.shape)}")
+        raise ValueError(
+            f"moefast.route: logits must have at least one expert column, got shape {tuple(logits.shape)}"
+        )
     if not isinstance(k, int) or isinstance(k, bool):
         raise TypeError(f"moefast.route: k must be an int, got {type(k).__name__}")
     if not 1 <= k <= E:
@@ -165,9 +171,13 @@ def routing_from_ids(
         expert_ids = expert_ids.unsqueeze(1)
     _check_tensor(op, "expert_ids", expert_ids, 2, "[T, k]")
     if expert_ids.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"moefast.routing_from_ids: expert_ids must be int32 or int64, got {expert_ids.dtype}")
+        raise TypeError(
+            f"moefast.routing_from_ids: expert_ids must be int32 or int64, got {expert_ids.dtype}"
+        )
     if not isinstance(num_experts, int) or num_experts < 1:
-        raise ValueError(f"moefast.routing_from_ids: num_experts must be a positive int, got {num_experts!r}")
+        raise ValueError(
+            f"moefast.routing_from_ids: num_experts must be a positive int, got {num_experts!r}"
+        )
     T, k = expert_ids.shape
     if k < 1:
         raise ValueError("moefast.routing_from_ids: expert_ids needs at least one column (k >= 1)")
@@ -233,7 +243,9 @@ def grouped_mm(a: Tensor, b: Tensor, offs: Tensor) -> Tensor:
     _check_tensor(op, "offs", offs, 1, "[E]")
     _check_float(op, "a", a)
     if b.dtype != a.dtype:
-        raise TypeError(f"moefast.grouped_mm: a and b must share a dtype, got {a.dtype} and {b.dtype}")
+        raise TypeError(
+            f"moefast.grouped_mm: a and b must share a dtype, got {a.dtype} and {b.dtype}"
+        )
     if offs.dtype != torch.int32:
         raise TypeError(f"moefast.grouped_mm: offs must be int32, got {offs.dtype}")
     _check_device(op, "a", a, "b", b)

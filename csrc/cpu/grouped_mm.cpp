@@ -16,8 +16,8 @@ namespace {
 void check_offs(const at::Tensor& offs, int64_t E, int64_t N, const char* op) {
   check_dim(offs, 1, op, "offs", "[E]");
   check_int32(offs, op, "offs");
-  TORCH_CHECK_VALUE(offs.size(0) == E, "moefast.", op, ": offs must have one entry per group, E = ",
-                    E, ", got ", offs.size(0));
+  TORCH_CHECK_VALUE(offs.size(0) == E, "moefast.", op,
+                    ": offs must have one entry per group, E = ", E, ", got ", offs.size(0));
   const at::Tensor o = offs.contiguous();
   const int32_t* p = o.const_data_ptr<int32_t>();
   int32_t prev = 0;
@@ -51,12 +51,16 @@ at::Tensor grouped_mm_cpu(const at::Tensor& a, const at::Tensor& b, const at::Te
   check_dim(a, 2, op, "a", "[N, K]");
   check_dim(b, 3, op, "b", "[E, K, M]");
   check_floating(a, op, "a");
-  TORCH_CHECK_TYPE(a.scalar_type() == b.scalar_type(), "moefast.grouped_mm: a and b must share a "
-                   "dtype, got ", a.scalar_type(), " and ", b.scalar_type());
+  TORCH_CHECK_TYPE(a.scalar_type() == b.scalar_type(),
+                   "moefast.grouped_mm: a and b must share a "
+                   "dtype, got ",
+                   a.scalar_type(), " and ", b.scalar_type());
   check_same_device(a, b, op, "a", "b");
   check_same_device(a, offs, op, "a", "offs");
-  TORCH_CHECK_VALUE(a.size(1) == b.size(1), "moefast.grouped_mm: a [N, K] and b [E, K, M] must "
-                    "agree on K, got a ", a.sizes(), " and b ", b.sizes());
+  TORCH_CHECK_VALUE(a.size(1) == b.size(1),
+                    "moefast.grouped_mm: a [N, K] and b [E, K, M] must "
+                    "agree on K, got a ",
+                    a.sizes(), " and b ", b.sizes());
   const int64_t N = a.size(0);
   const int64_t E = b.size(0);
   const int64_t K = a.size(1);

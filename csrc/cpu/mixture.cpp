@@ -59,14 +59,14 @@ std::tuple<at::Tensor, at::Tensor> mixture_backward_cpu(const at::Tensor& grad_o
   const int64_t C = eo.size(2);
   at::Tensor grad_gate = at::empty_like(gate);
   at::Tensor grad_eo = at::empty_like(eo);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gate.scalar_type(),
-                                  "mixture_backward_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    cpu::mixture_backward<scalar_t, acc_t>(
-        grad_out.const_data_ptr<scalar_t>(), gate.const_data_ptr<scalar_t>(),
-        eo.const_data_ptr<scalar_t>(), B, E, C, grad_gate.mutable_data_ptr<scalar_t>(),
-        grad_eo.mutable_data_ptr<scalar_t>(), ATenParallelFor{});
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, gate.scalar_type(), "mixture_backward_cpu", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        cpu::mixture_backward<scalar_t, acc_t>(
+            grad_out.const_data_ptr<scalar_t>(), gate.const_data_ptr<scalar_t>(),
+            eo.const_data_ptr<scalar_t>(), B, E, C, grad_gate.mutable_data_ptr<scalar_t>(),
+            grad_eo.mutable_data_ptr<scalar_t>(), ATenParallelFor{});
+      });
   return {grad_gate, grad_eo};
 }
 

@@ -18,8 +18,8 @@ void check_position_values(const at::Tensor& position, const char* op) {
   const int64_t lo_v = lo.item<int64_t>();
   const int64_t hi_v = hi.item<int64_t>();
   TORCH_CHECK_VALUE(lo_v >= 0 && hi_v < n, "moefast.", op,
-                    ": position must hold row indices in [0, T * k) = [0, ", n, "), got values in [",
-                    lo_v, ", ", hi_v, "]");
+                    ": position must hold row indices in [0, T * k) = [0, ", n,
+                    "), got values in [", lo_v, ", ", hi_v, "]");
 }
 
 at::Tensor permute_cpu(const at::Tensor& x_in, const at::Tensor& position_in,
@@ -58,8 +58,9 @@ at::Tensor unpermute_cpu(const at::Tensor& y_in, const at::Tensor& position_in,
   check_floating(y_in, op, "y");
   check_position(position_in, op);
   check_same_device(y_in, position_in, op, "y", "position");
-  TORCH_CHECK_VALUE(y_in.size(0) == position_in.numel(), "moefast.unpermute: y must have T * k = ",
-                    position_in.numel(), " rows, got ", y_in.size(0));
+  TORCH_CHECK_VALUE(y_in.size(0) == position_in.numel(),
+                    "moefast.unpermute: y must have T * k = ", position_in.numel(), " rows, got ",
+                    y_in.size(0));
   const at::Tensor y = y_in.contiguous();
   const at::Tensor position = position_in.contiguous();
   check_position_values(position, op);
@@ -92,8 +93,9 @@ at::Tensor unpermute_weight_grad_cpu(const at::Tensor& grad_out_in, const at::Te
   TORCH_CHECK_VALUE(y_in.size(0) == position_in.numel() &&
                         grad_out_in.size(0) == position_in.size(0) &&
                         grad_out_in.size(1) == y_in.size(1),
-                    "moefast.", op, ": expected grad_out [T, d] and y [T * k, d] with T, k = ",
-                    position_in.sizes(), ", got ", grad_out_in.sizes(), " and ", y_in.sizes());
+                    "moefast.", op,
+                    ": expected grad_out [T, d] and y [T * k, d] with T, k = ", position_in.sizes(),
+                    ", got ", grad_out_in.sizes(), " and ", y_in.sizes());
   const at::Tensor grad_out = grad_out_in.contiguous();
   const at::Tensor y = y_in.contiguous();
   const at::Tensor position = position_in.contiguous();
@@ -101,15 +103,15 @@ at::Tensor unpermute_weight_grad_cpu(const at::Tensor& grad_out_in, const at::Te
   const int64_t T = position.size(0);
   const int64_t k = position.size(1);
   const int64_t d = y.size(1);
-  at::Tensor grad_w =
-      at::empty({T, k}, y.options().dtype(at::toOpMathType(y.scalar_type())));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(),
-                                  "unpermute_weight_grad_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    cpu::unpermute_weight_grad<scalar_t, acc_t>(
-        grad_out.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(), T, d, k,
-        position.const_data_ptr<int32_t>(), grad_w.mutable_data_ptr<acc_t>(), ATenParallelFor{});
-  });
+  at::Tensor grad_w = at::empty({T, k}, y.options().dtype(at::toOpMathType(y.scalar_type())));
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, y.scalar_type(), "unpermute_weight_grad_cpu", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        cpu::unpermute_weight_grad<scalar_t, acc_t>(
+            grad_out.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(), T, d, k,
+            position.const_data_ptr<int32_t>(), grad_w.mutable_data_ptr<acc_t>(),
+            ATenParallelFor{});
+      });
   return grad_w;
 }
 

@@ -74,7 +74,8 @@ void unpermute_weight_grad(const scalar_t* grad_out, const scalar_t* y, int64_t 
         const int64_t slot = slot_index(t, j, k);
         const scalar_t* src = y + static_cast<int64_t>(position[slot]) * d;
         acc_t dot = 0;
-        for (int64_t c = 0; c < d; ++c) dot += static_cast<acc_t>(g[c]) * static_cast<acc_t>(src[c]);
+        for (int64_t c = 0; c < d; ++c)
+          dot += static_cast<acc_t>(g[c]) * static_cast<acc_t>(src[c]);
         grad_weights[slot] = dot;
       }
     }

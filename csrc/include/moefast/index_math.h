@@ -38,7 +38,9 @@ MOEFAST_HOST_DEVICE int64_t slot_index(int64_t token, int64_t j, int64_t k) {
 }
 
 // Token that a slot belongs to.
-MOEFAST_HOST_DEVICE int64_t token_of_slot(int64_t slot, int64_t k) { return slot / k; }
+MOEFAST_HOST_DEVICE int64_t token_of_slot(int64_t slot, int64_t k) {
+  return slot / k;
+}
 
 // First row of expert e.
 MOEFAST_HOST_DEVICE int64_t group_begin(const int32_t* offs, int64_t e) {
