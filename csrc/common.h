@@ -6,11 +6,39 @@
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 
+#include <atomic>
+#include <cstdlib>
+#include <limits>
 #include <string>
 
 #include "moefast/index_math.h"
 
 namespace moefast {
+
+// Debug switch: when on, every output a kernel allocates is filled with NaN (floating) or INT32_MIN
+// (integer) before the kernel writes it, so a test that compares against the reference proves that
+// every element was written. Off by default; MOEFAST_POISON_OUTPUTS=1 turns it on at load, and
+// moefast._C.set_poison_outputs(bool) at run time.
+inline std::atomic<bool>& poison_outputs_flag() {
+  static std::atomic<bool> flag{[] {
+    const char* env = std::getenv("MOEFAST_POISON_OUTPUTS");
+    return env != nullptr && env[0] == '1';
+  }()};
+  return flag;
+}
+
+// Allocates a kernel output (poisoned when the debug switch is on).
+inline at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  at::Tensor out = at::empty(sizes, options);
+  if (poison_outputs_flag().load(std::memory_order_relaxed)) {
+    if (at::isFloatingType(out.scalar_type())) {
+      out.fill_(std::numeric_limits<double>::quiet_NaN());
+    } else {
+      out.fill_(std::numeric_limits<int32_t>::min());
+    }
+  }
+  return out;
+}
 
 // Every kernel entry point holds one: the ATen calls inside a kernel (contiguous(), mm_out, ...)
 // run below autograd, which has already been handled by the op's registered autograd.

@@ -3,6 +3,8 @@
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
+#include "common.h"
+
 #ifndef MOEFAST_VERSION
 #define MOEFAST_VERSION "0.0.0"
 #endif
@@ -16,6 +18,12 @@ PYBIND11_MODULE(_C, m) {
   m.attr("with_cuda") = false;
 #endif
   m.attr("router_modes") = pybind11::make_tuple("softmax_topk", "topk_softmax", "hard", "dense");
+  m.def(
+      "set_poison_outputs", [](bool on) { moefast::poison_outputs_flag().store(on); },
+      "Debug switch: fill every kernel output with NaN / INT32_MIN before the kernel writes it.");
+  m.def(
+      "poison_outputs", []() { return moefast::poison_outputs_flag().load(); },
+      "Whether kernel outputs are poisoned before they are written.");
   m.def(
       "parallel_info", []() { return at::get_parallel_info(); },
       "ATen's description of its CPU threading (OpenMP, MKL, threads), as the kernels see it.");

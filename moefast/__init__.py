@@ -7,6 +7,8 @@ the native extension ``moefast._C``. Plain-PyTorch versions of every op are in
 :mod:`moefast.reference`.
 """
 
+import torch  # noqa: F401  (loads libtorch, which moefast._C links against)
+
 try:
     from . import _C
 except ImportError as exc:  # pragma: no cover - the message is the point

@@ -66,7 +66,7 @@ at::Tensor grouped_mm_cpu(const at::Tensor& a, const at::Tensor& b, const at::Te
   const int64_t K = a.size(1);
   const int64_t M = b.size(2);
   check_offs(offs, E, N, op);
-  at::Tensor out = at::empty({N, M}, a.options());
+  at::Tensor out = new_output({N, M}, a.options());
   const at::Tensor o = offs.contiguous();
   const int32_t* ends = o.const_data_ptr<int32_t>();
   const int64_t used = E == 0 ? 0 : ends[E - 1];
@@ -100,7 +100,7 @@ at::Tensor grouped_mm_weight_grad_cpu(const at::Tensor& a, const at::Tensor& gra
   const int64_t K = a.size(1);
   const int64_t M = grad_out.size(1);
   check_offs(offs, E, N, op);
-  at::Tensor grad_b = at::empty({E, K, M}, a.options());
+  at::Tensor grad_b = new_output({E, K, M}, a.options());
   const at::Tensor o = offs.contiguous();
   const int32_t* ends = o.const_data_ptr<int32_t>();
   const int64_t used = E == 0 ? 0 : ends[E - 1];

@@ -32,7 +32,7 @@ at::Tensor mixture_cpu(const at::Tensor& gate_in, const at::Tensor& expert_out_i
   const int64_t B = gate.size(0);
   const int64_t E = gate.size(1);
   const int64_t C = eo.size(2);
-  at::Tensor out = at::empty({B, C}, eo.options());
+  at::Tensor out = new_output({B, C}, eo.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gate.scalar_type(), "mixture_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     cpu::mixture_forward<scalar_t, acc_t>(gate.const_data_ptr<scalar_t>(),
@@ -57,8 +57,8 @@ std::tuple<at::Tensor, at::Tensor> mixture_backward_cpu(const at::Tensor& grad_o
   const int64_t B = gate.size(0);
   const int64_t E = gate.size(1);
   const int64_t C = eo.size(2);
-  at::Tensor grad_gate = at::empty_like(gate);
-  at::Tensor grad_eo = at::empty_like(eo);
+  at::Tensor grad_gate = new_output(gate.sizes(), gate.options());
+  at::Tensor grad_eo = new_output(eo.sizes(), eo.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, gate.scalar_type(), "mixture_backward_cpu", [&] {
         using acc_t = at::opmath_type<scalar_t>;

@@ -39,7 +39,7 @@ at::Tensor permute_cpu(const at::Tensor& x_in, const at::Tensor& position_in,
   const int64_t T = x.size(0);
   const int64_t d = x.size(1);
   const int64_t k = position.size(1);
-  at::Tensor out = at::empty({T * k, d}, x.options());
+  at::Tensor out = new_output({T * k, d}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "permute_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     cpu::permute_forward<scalar_t, acc_t>(x.const_data_ptr<scalar_t>(), T, d, k,
@@ -68,7 +68,7 @@ at::Tensor unpermute_cpu(const at::Tensor& y_in, const at::Tensor& position_in,
   const int64_t T = position.size(0);
   const int64_t k = position.size(1);
   const int64_t d = y.size(1);
-  at::Tensor out = at::empty({T, d}, y.options());
+  at::Tensor out = new_output({T, d}, y.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "unpermute_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     cpu::unpermute_forward<scalar_t, acc_t>(y.const_data_ptr<scalar_t>(), T, d, k,
@@ -103,7 +103,7 @@ at::Tensor unpermute_weight_grad_cpu(const at::Tensor& grad_out_in, const at::Te
   const int64_t T = position.size(0);
   const int64_t k = position.size(1);
   const int64_t d = y.size(1);
-  at::Tensor grad_w = at::empty({T, k}, y.options().dtype(at::toOpMathType(y.scalar_type())));
+  at::Tensor grad_w = new_output({T, k}, y.options().dtype(at::toOpMathType(y.scalar_type())));
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, y.scalar_type(), "unpermute_weight_grad_cpu", [&] {
         using acc_t = at::opmath_type<scalar_t>;

@@ -20,10 +20,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> routing_plan_cpu(
   const at::Tensor ids = ids_in.contiguous();
   const auto opts = ids.options().dtype(at::kInt);
   const int64_t n = ids.numel();
-  at::Tensor counts = at::empty({num_experts}, opts);
-  at::Tensor offs = at::empty({num_experts}, opts);
-  at::Tensor position = at::empty(ids.sizes(), opts);
-  at::Tensor order = at::empty({n}, opts);
+  at::Tensor counts = new_output({num_experts}, opts);
+  at::Tensor offs = new_output({num_experts}, opts);
+  at::Tensor position = new_output(ids.sizes(), opts);
+  at::Tensor order = new_output({n}, opts);
   // About 16k slots per chunk keeps the per-chunk counters small next to the work.
   const int64_t chunks = std::min<int64_t>(at::get_num_threads(), ceil_div<int64_t>(n, 16384));
   const int32_t* id_ptr = ids.const_data_ptr<int32_t>();

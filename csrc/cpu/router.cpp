@@ -34,8 +34,8 @@ std::tuple<at::Tensor, at::Tensor> router_cpu(const at::Tensor& logits_in, int64
   const at::Tensor logits = logits_in.contiguous();
   const int64_t T = logits.size(0);
   const int64_t E = logits.size(1);
-  at::Tensor weights = at::empty({T, k}, logits.options());
-  at::Tensor ids = at::empty({T, k}, logits.options().dtype(at::kInt));
+  at::Tensor weights = new_output({T, k}, logits.options());
+  at::Tensor ids = new_output({T, k}, logits.options().dtype(at::kInt));
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, logits.scalar_type(), "router_cpu", [&] {
         using acc_t = at::opmath_type<scalar_t>;
@@ -67,7 +67,7 @@ at::Tensor router_backward_cpu(const at::Tensor& grad_weights_in, const at::Tens
   const at::Tensor grad_weights = grad_weights_in.to(logits.scalar_type()).contiguous();
   const int64_t T = logits.size(0);
   const int64_t E = logits.size(1);
-  at::Tensor grad_logits = at::empty_like(logits);
+  at::Tensor grad_logits = new_output(logits.sizes(), logits.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, logits.scalar_type(), "router_backward_cpu", [&] {
         using acc_t = at::opmath_type<scalar_t>;
