@@ -1,0 +1,165 @@
+"""Drop-in ``torch.nn`` layers on top of the moefast ops: :class:`GroupedLinear` and :class:`MoE`."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from .. import ops
+
+ACTIVATIONS = ("gelu", "relu", "silu", "swiglu")
+
+
+class GroupedLinear(nn.Module):
+    """``E`` independent linear maps applied to row groups: ``y[rows of e] = x[rows of e] @ W[e] + b[e]``.
+
+    ``weight`` is ``[E, in_features, out_features]`` (the ``torch._grouped_mm`` layout) and ``bias``
+    ``[E, out_features]``. ``forward(x [N, in], offs [E])`` takes the int32 cumulative row ends of
+    the groups (``Routing.offs``); rows past ``offs[-1]`` come out as zeros (no bias). Each expert
+    is initialised as ``nn.Linear(in_features, out_features)`` would be.
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        if num_experts < 1 or in_features < 1 or out_features < 1:
+            raise ValueError(
+                "GroupedLinear: num_experts, in_features and out_features must be positive, got "
+                f"{num_experts}, {in_features}, {out_features}"
+            )
+        factory = {"device": device, "dtype": dtype}
+        self.num_experts = num_experts
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight = nn.Parameter(torch.empty(num_experts, in_features, out_features, **factory))
+        self.bias = (
+            nn.Parameter(torch.empty(num_experts, out_features, **factory)) if bias else None
+        )
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # nn.Linear's kaiming_uniform_(a=sqrt(5)) amounts to U(-1/sqrt(in), 1/sqrt(in)) for the
+        # weight, and its bias uses the same bound.
+        bound = 1.0 / math.sqrt(self.in_features)
+        nn.init.uniform_(self.weight, -bound, bound)
+        if self.bias is not None:
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: Tensor, offs: Tensor) -> Tensor:
+        y = ops.grouped_mm(x, self.weight, offs)
+        if self.bias is not None:
+            # The group of each row, found on the device (no host sync); rows past offs[-1] map to
+            # E and get no bias.
+            rows = torch.arange(x.shape[0], device=x.device, dtype=offs.dtype)
+            group = torch.searchsorted(offs, rows, right=True)
+            bias = F.pad(self.bias, (0, 0, 0, 1))  # row E of zeros for the unused rows
+            y = y + bias[group]
+        return y
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_experts={self.num_experts}, in_features={self.in_features}, "
+            f"out_features={self.out_features}, bias={self.bias is not None}"
+        )
+
+
+class MoE(nn.Module):
+    """A dropless mixture-of-experts feed-forward block.
+
+    ``forward(x [..., d_model])`` routes each token to ``k`` of ``num_experts`` two-layer MLPs
+    (``w2(act(w1(x)))``) and returns the weighted sum of their outputs, in the shape of ``x``.
+    Routers: ``"softmax_topk"``, ``"topk_softmax"``, ``"hard"`` (``k == 1``), ``"dense"``
+    (``k == num_experts``); see :func:`moefast.route`. Activations: ``gelu``, ``relu``, ``silu``,
+    and ``swiglu`` (``w1`` then has ``2 * d_hidden`` outputs, the gate half first, then the up
+    half: ``silu(gate) * up``). After each call ``aux_loss`` holds the load-balancing loss
+    (plus ``z_loss_coef`` times the router z-loss) to add to the training loss.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_hidden: int,
+        num_experts: int,
+        k: int = 2,
+        router: str = "softmax_topk",
+        normalize: bool = False,
+        activation: str = "gelu",
+        bias: bool = True,
+        z_loss_coef: float = 0.0,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        if router not in ops.ROUTER_MODES:
+            raise ValueError(f"MoE: router must be one of {ops.ROUTER_MODES}, got {router!r}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"MoE: activation must be one of {ACTIVATIONS}, got {activation!r}")
+        if not 1 <= k <= num_experts:
+            raise ValueError(f"MoE: k must be in [1, num_experts] = [1, {num_experts}], got {k}")
+        if router == "hard" and k != 1:
+            raise ValueError(f"MoE: router 'hard' needs k == 1, got k={k}")
+        if router == "dense" and k != num_experts:
+            raise ValueError(
+                f"MoE: router 'dense' needs k == num_experts == {num_experts}, got {k}"
+            )
+        factory = {"device": device, "dtype": dtype}
+        self.d_model = d_model
+        self.d_hidden = d_hidden
+        self.num_experts = num_experts
+        self.k = k
+        self.mode = router
+        self.normalize = normalize
+        self.activation = activation
+        self.z_loss_coef = z_loss_coef
+        self.router = nn.Linear(d_model, num_experts, bias=False, **factory)
+        w1_out = 2 * d_hidden if activation == "swiglu" else d_hidden
+        self.w1 = GroupedLinear(num_experts, d_model, w1_out, bias=bias, **factory)
+        self.w2 = GroupedLinear(num_experts, d_hidden, d_model, bias=bias, **factory)
+        self.aux_loss: Tensor | None = None
+        self.last_routing: ops.Routing | None = None
+
+    def _act(self, h: Tensor) -> Tensor:
+        if self.activation == "gelu":
+            return F.gelu(h)
+        if self.activation == "relu":
+            return F.relu(h)
+        if self.activation == "silu":
+            return F.silu(h)
+        gate, up = h.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.d_model:
+            raise ValueError(
+                f"MoE: the last dimension of x must be d_model = {self.d_model}, "
+                f"got shape {tuple(x.shape)}"
+            )
+        tokens = x.reshape(-1, self.d_model)
+        logits = self.router(tokens)
+        routing = ops.route(logits, self.k, mode=self.mode, normalize=self.normalize)
+        h = self.w1(ops.permute(tokens, routing), routing.offs)
+        y = self.w2(self._act(h), routing.offs)
+        out = ops.unpermute(y, routing)
+        aux = ops.load_balancing_loss(logits, routing)
+        if self.z_loss_coef:
+            aux = aux + self.z_loss_coef * ops.z_loss(logits)
+        self.aux_loss = aux
+        self.last_routing = routing
+        return out.reshape(x.shape)
+
+    def extra_repr(self) -> str:
+        return (
+            f"d_model={self.d_model}, d_hidden={self.d_hidden}, num_experts={self.num_experts}, "
+            f"k={self.k}, router={self.mode!r}, normalize={self.normalize}, "
+            f"activation={self.activation!r}"
+        )
