@@ -144,6 +144,12 @@ class MoE(nn.Module):
                 f"MoE: the last dimension of x must be d_model = {self.d_model}, "
                 f"got shape {tuple(x.shape)}"
             )
+        param_dtype = self.router.weight.dtype
+        if x.dtype != param_dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(
+                f"MoE: x is {x.dtype} but the layer's parameters are {param_dtype}; convert one "
+                "of them, or run under torch.autocast"
+            )
         tokens = x.reshape(-1, self.d_model)
         logits = self.router(tokens)
         routing = ops.route(logits, self.k, mode=self.mode, normalize=self.normalize)
