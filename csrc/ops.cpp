@@ -18,10 +18,12 @@ TORCH_LIBRARY(moefast, m) {
   m.def("unpermute(Tensor y, Tensor position, Tensor? weights) -> Tensor");
   // grad_out [T, d], y [T * k, d] -> [T, k] in the accumulation dtype (float32, or float64).
   m.def("unpermute_weight_grad(Tensor grad_out, Tensor y, Tensor position) -> Tensor");
-  // a [N, K], b [E, K, M], offs [E] int32 cumulative row ends -> [N, M].
-  m.def("grouped_mm(Tensor a, Tensor b, Tensor offs) -> Tensor");
+  // a [N, K], b [E, K, M], offs [E] int32 cumulative row ends, bias [E, M] -> [N, M].
+  m.def("grouped_mm(Tensor a, Tensor b, Tensor offs, Tensor? bias=None) -> Tensor");
   // a [N, K], grad_out [N, M], offs [E] -> grad_b [E, K, M] = a_e^T @ grad_out_e per group.
   m.def("grouped_mm_weight_grad(Tensor a, Tensor grad_out, Tensor offs) -> Tensor");
+  // grad_out [N, M], offs [E] -> grad_bias [E, M], the sum of each group's rows.
+  m.def("grouped_bias_grad(Tensor grad_out, Tensor offs) -> Tensor");
   // gate_logits [B, E], expert_out [E, B, C] -> [B, C].
   m.def("mixture(Tensor gate_logits, Tensor expert_out) -> Tensor");
   // grad_out [B, C] -> grad_gate_logits [B, E], grad_expert_out [E, B, C].

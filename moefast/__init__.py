@@ -20,6 +20,7 @@ except ImportError as exc:  # pragma: no cover - the message is the point
 from .ops import (
     ROUTER_MODES,
     Routing,
+    apply_capacity,
     grouped_mm,
     load_balancing_loss,
     mixture,
@@ -36,6 +37,7 @@ __all__ = [
     "ROUTER_MODES",
     "Routing",
     "__version__",
+    "apply_capacity",
     "grouped_mm",
     "load_balancing_loss",
     "mixture",

@@ -31,6 +31,7 @@ from . import _C  # noqa: F401  (loading the extension registers torch.ops.moefa
 __all__ = [
     "ROUTER_MODES",
     "Routing",
+    "apply_capacity",
     "grouped_mm",
     "load_balancing_loss",
     "mixture",
@@ -190,6 +191,53 @@ def routing_from_ids(
     return Routing(ids, weights, offs, counts, position, order)
 
 
+def apply_capacity(routing: Routing, capacity: int) -> Routing:
+    """Limits every expert to ``capacity`` token slots; the slots over the limit are dropped.
+
+    Drop policy: inside one expert, first choices (``j = 0``) of all tokens come before second
+    choices, and so on; inside one choice rank, earlier tokens come first. An expert keeps the
+    first ``capacity`` slots in that priority order. A dropped slot's weight becomes 0 (the
+    remaining weights of its token are not renormalised), so it adds nothing to its token's output,
+    and its permuted row moves past ``offs[-1]``, where :func:`grouped_mm` computes nothing. The
+    permuted tensor still has ``T * k`` rows; ``counts`` and ``offs`` count the kept rows only.
+    Runs on the device with no host synchronisation.
+    """
+    _check_routing("apply_capacity", routing)
+    if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 0:
+        raise ValueError(
+            f"moefast.apply_capacity: capacity must be a non-negative int, got {capacity!r}"
+        )
+    T, k = routing.expert_ids.shape
+    E = routing.offs.shape[0]
+    n = T * k
+    slots = routing.expert_ids.reshape(-1).long()
+    # Rank of each slot inside its expert in (choice, token) priority order: the plan of the
+    # transposed ids lists the slots of an expert in exactly that order.
+    _, _, by_choice, _ = _ops.routing_plan(routing.expert_ids.t().contiguous(), E)
+    begin = (routing.offs - routing.counts).long()
+    rank = by_choice.t().reshape(-1).long() - begin[slots]
+    keep_slot = rank < capacity
+    order = routing.order.long()
+    keep_row = keep_slot[order].long()
+    kept_before = torch.cumsum(keep_row, 0) - keep_row
+    rows = torch.arange(n, device=slots.device)
+    # Kept rows close up in the same (expert, slot) order; dropped rows follow them.
+    new_row = torch.where(keep_row.bool(), kept_before, keep_row.sum() + rows - kept_before)
+    position = new_row[routing.position.reshape(-1).long()]
+    new_order = torch.empty_like(order).scatter_(0, new_row, order)
+    counts = routing.counts.clamp(max=capacity)
+    offs = torch.cumsum(counts, 0, dtype=torch.int32)
+    weights = torch.where(keep_slot.view(T, k), routing.weights, 0)
+    return Routing(
+        routing.expert_ids,
+        weights,
+        offs,
+        counts,
+        position.to(torch.int32).view(T, k),
+        new_order.to(torch.int32),
+    )
+
+
 def permute(x: Tensor, routing: Routing) -> Tensor:
     """Copies each token's row to its ``k`` slots, grouped by expert: ``[T, d] -> [T * k, d]``.
 
@@ -229,20 +277,23 @@ def unpermute(y: Tensor, routing: Routing, weights: Tensor | None = None) -> Ten
     return _ops.unpermute(y, routing.position, w)
 
 
-def grouped_mm(a: Tensor, b: Tensor, offs: Tensor) -> Tensor:
+def grouped_mm(a: Tensor, b: Tensor, offs: Tensor, bias: Tensor | None = None) -> Tensor:
     """Grouped matrix product, ``torch._grouped_mm``'s 2D x 3D contract.
 
     ``a [N, K]``, ``b [E, K, M]``, ``offs [E]`` int32 cumulative row ends: rows
     ``offs[e-1]:offs[e]`` of the result are those rows of ``a`` times ``b[e]``; rows past
-    ``offs[-1]`` are zero. ``offs`` must be non-decreasing with ``offs[-1] <= N``. Differentiable in
-    ``a`` and ``b``; an expert with no rows gets a zero gradient.
+    ``offs[-1]`` are zero. ``offs`` must be non-decreasing with ``offs[-1] <= N``. An optional
+    ``bias [E, M]`` adds ``bias[e]`` to the rows of group ``e`` in the same pass (not to the rows
+    past ``offs[-1]``). Differentiable in ``a``, ``b`` and ``bias``; an expert with no rows gets a
+    zero gradient. Under ``torch.autocast`` it runs in the autocast dtype, like ``torch.matmul``.
     """
     op = "grouped_mm"
     _check_tensor(op, "a", a, 2, "[N, K]")
     _check_tensor(op, "b", b, 3, "[E, K, M]")
     _check_tensor(op, "offs", offs, 1, "[E]")
     _check_float(op, "a", a)
-    if b.dtype != a.dtype:
+    autocast = torch.is_autocast_enabled(a.device.type)  # casts a, b and bias to one dtype
+    if b.dtype != a.dtype and not autocast:
         raise TypeError(
             f"moefast.grouped_mm: a and b must share a dtype, got {a.dtype} and {b.dtype}"
         )
@@ -260,7 +311,19 @@ def grouped_mm(a: Tensor, b: Tensor, offs: Tensor) -> Tensor:
             f"moefast.grouped_mm: offs must have one entry per group, E = {b.shape[0]}, "
             f"got {offs.shape[0]}"
         )
-    return _ops.grouped_mm(a, b, offs)
+    if bias is not None:
+        _check_tensor(op, "bias", bias, 2, "[E, M]")
+        if bias.shape != (b.shape[0], b.shape[2]):
+            raise ValueError(
+                f"moefast.grouped_mm: bias must be [E, M] = [{b.shape[0]}, {b.shape[2]}], "
+                f"got {tuple(bias.shape)}"
+            )
+        _check_device(op, "a", a, "bias", bias)
+        if bias.dtype != a.dtype and not autocast:
+            raise TypeError(
+                f"moefast.grouped_mm: bias must have the dtype of a, {a.dtype}, got {bias.dtype}"
+            )
+    return _ops.grouped_mm(a, b, offs, bias)
 
 
 def mixture(gate_logits: Tensor, expert_out: Tensor) -> Tensor:
@@ -370,8 +433,13 @@ def _unpermute_weight_grad_fake(grad_out, y, position):
 
 
 @torch.library.register_fake("moefast::grouped_mm")
-def _grouped_mm_fake(a, b, offs):
+def _grouped_mm_fake(a, b, offs, bias=None):
     return a.new_empty((a.shape[0], b.shape[2]))
+
+
+@torch.library.register_fake("moefast::grouped_bias_grad")
+def _grouped_bias_grad_fake(grad_out, offs):
+    return grad_out.new_empty((offs.shape[0], grad_out.shape[1]))
 
 
 @torch.library.register_fake("moefast::grouped_mm_weight_grad")
@@ -455,18 +523,20 @@ torch.library.register_autograd(
 
 
 def _grouped_mm_setup(ctx, inputs, output):
-    a, b, offs = inputs
+    a, b, offs, _bias = inputs
     ctx.save_for_backward(a, b, offs)
 
 
 def _grouped_mm_backward(ctx, grad_out):
     a, b, offs = ctx.saved_tensors
-    grad_a = grad_b = None
+    grad_a = grad_b = grad_bias = None
     if ctx.needs_input_grad[0]:
         grad_a = _ops.grouped_mm(grad_out, b.transpose(1, 2), offs)
     if ctx.needs_input_grad[1]:
         grad_b = _ops.grouped_mm_weight_grad(a, grad_out, offs)
-    return grad_a, grad_b, None
+    if len(ctx.needs_input_grad) > 3 and ctx.needs_input_grad[3]:
+        grad_bias = _ops.grouped_bias_grad(grad_out, offs)
+    return grad_a, grad_b, None, grad_bias
 
 
 torch.library.register_autograd(

@@ -65,6 +65,26 @@ def routing_plan(expert_ids: Tensor, num_experts: int) -> tuple[Tensor, Tensor, 
     return counts.to(i32), offs.to(i32), position.view(expert_ids.shape).to(i32), order.to(i32)
 
 
+def apply_capacity(
+    expert_ids: Tensor, weights: Tensor, num_experts: int, capacity: int
+) -> tuple[Tensor, Tensor]:
+    """Which slots an expert of the given capacity keeps, by the policy of ``ops.apply_capacity``.
+
+    Returns ``(keep [T, k] bool, weights with dropped slots zeroed)``: each expert takes slots in
+    (choice j, token t) order until it holds ``capacity`` of them.
+    """
+    T, k = expert_ids.shape
+    keep = torch.zeros(T, k, dtype=torch.bool)
+    taken = [0] * num_experts
+    for j in range(k):
+        for t in range(T):
+            e = int(expert_ids[t, j])
+            if taken[e] < capacity:
+                keep[t, j] = True
+                taken[e] += 1
+    return keep, torch.where(keep, weights, torch.zeros_like(weights))
+
+
 def _flat_weights(weights: Tensor | None, shape, dtype, device) -> Tensor:
     if weights is None:
         return torch.ones(shape, dtype=dtype, device=device)
@@ -91,14 +111,17 @@ def unpermute(y: Tensor, position: Tensor, weights: Tensor | None = None) -> Ten
     return (rows * w.unsqueeze(-1)).sum(dim=1).to(y.dtype)
 
 
-def grouped_mm(a: Tensor, b: Tensor, offs: Tensor) -> Tensor:
-    """Rows ``offs[e-1]:offs[e]`` of ``a`` times ``b[e]``; rows past ``offs[-1]`` are zero."""
+def grouped_mm(a: Tensor, b: Tensor, offs: Tensor, bias: Tensor | None = None) -> Tensor:
+    """Rows ``offs[e-1]:offs[e]`` of ``a`` times ``b[e]`` (plus ``bias[e]``); rows past
+    ``offs[-1]`` are zero."""
     ends = [int(v) for v in offs.tolist()]
+    acc = opmath_dtype(a.dtype)
     pieces, begin = [], 0
     for e, end in enumerate(ends):
-        pieces.append(a[begin:end].to(opmath_dtype(a.dtype)) @ b[e].to(opmath_dtype(b.dtype)))
+        piece = a[begin:end].to(acc) @ b[e].to(acc)
+        pieces.append(piece if bias is None else piece + bias[e].to(acc))
         begin = end
-    pieces.append(a.new_zeros(a.shape[0] - begin, b.shape[2], dtype=opmath_dtype(a.dtype)))
+    pieces.append(a.new_zeros(a.shape[0] - begin, b.shape[2], dtype=acc))
     return torch.cat(pieces, dim=0).to(a.dtype)
 
 

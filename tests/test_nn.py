@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+import moefast
 from moefast import reference
 from moefast.nn import ACTIVATIONS, GroupedLinear, MoE
 
@@ -126,7 +127,7 @@ def test_moe_bad_arguments():
         MoE(8, 16, 4, activation="tanh")
     with pytest.raises(ValueError, match="router"):
         MoE(8, 16, 4, router="top1")
-    with pytest.raises(TypeError, match="x is torch.float64"):
+    with pytest.raises(TypeError, match=r"x is torch\.float64"):
         MoE(8, 16, 4)(torch.randn(3, 8, dtype=torch.float64))
 
 
@@ -139,3 +140,85 @@ def test_demo_runs_and_reports_accuracy(capsys):
     line = next(ln for ln in out.splitlines() if ln.startswith("MoE held-out accuracy"))
     accuracy = float(line.split()[3])
     assert 0.5 < accuracy <= 1.0  # two epochs already beat chance (0.1) by far
+
+
+@pytest.mark.parametrize("capacity", [0, 1, 4, 9, 40])
+def test_apply_capacity_follows_the_drop_policy(capacity):
+    torch.manual_seed(5)
+    T, E, k = 30, 4, 2
+    logits = torch.randn(T, E)
+    logits[:, 1] += 1.5  # expert 1 is popular, so it overflows first
+    routing = moefast.route(logits, k)
+    capped = moefast.apply_capacity(routing, capacity)
+    keep, weights = reference.apply_capacity(routing.expert_ids, routing.weights, E, capacity)
+    assert torch.equal(capped.weights, weights)
+    kept_counts = torch.bincount(routing.expert_ids[keep].long(), minlength=E).to(torch.int32)
+    assert torch.equal(capped.counts, kept_counts)
+    assert torch.equal(capped.offs, torch.cumsum(kept_counts, 0).to(torch.int32))
+    # position and order stay inverse permutations; kept rows sit below offs[-1] grouped by
+    # expert in slot order, dropped rows above it
+    flat_pos = capped.position.reshape(-1).long()
+    assert torch.equal(capped.order[flat_pos].long(), torch.arange(T * k))
+    kept_rows = flat_pos[keep.reshape(-1)]
+    assert kept_rows.numel() == 0 or int(kept_rows.max()) < int(capped.offs[-1])
+    assert bool((flat_pos[~keep.reshape(-1)] >= capped.offs[-1]).all())
+    order = capped.order[: int(capped.offs[-1])].long()
+    experts_in_row_order = routing.expert_ids.reshape(-1)[order]
+    assert bool((experts_in_row_order[1:] >= experts_in_row_order[:-1]).all())
+
+
+def test_moe_capacity_factor_drops_overflow_and_matches_reference():
+    torch.manual_seed(6)
+    moe = MoE(12, 16, 4, k=2, capacity_factor=0.5).double()
+    with torch.no_grad():
+        moe.router.weight[0] += 0.5  # skew the routing so that some experts overflow
+    x = torch.randn(40, 12, dtype=torch.float64, requires_grad=True)
+    y = moe(x)
+    capacity = 10  # ceil(0.5 * 40 * 2 / 4)
+    assert int(moe.last_routing.counts.max()) <= capacity
+    assert int(moe.last_routing.counts.sum()) < 80  # something was dropped
+    logits = x @ moe.router.weight.t()
+    weights, ids = reference.route(logits, 2)
+    _, w = reference.apply_capacity(ids, weights, 4, capacity)
+    dropless = MoE(12, 16, 4, k=2).double()
+    dropless.load_state_dict(moe.state_dict())
+    # each kept slot's expert output, weighted: run the dropless layer's experts per slot
+    out = torch.zeros_like(x)
+    for j in range(2):
+        r = moefast.routing_from_ids(ids[:, j], 4, w[:, j : j + 1])
+        h = dropless.w1(moefast.permute(x, r), r.offs)
+        out = out + moefast.unpermute(dropless.w2(dropless._act(h), r.offs), r)
+    torch.testing.assert_close(y, out)
+    y.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_moe_under_autocast_bfloat16():
+    torch.manual_seed(7)
+    moe = MoE(16, 32, 4, k=2, activation="swiglu")
+    x = torch.randn(24, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = moe(x)
+    assert y.dtype == torch.bfloat16  # the expert GEMMs ran in bfloat16
+    y_ref = moe(x)
+    torch.testing.assert_close(y.float(), y_ref, atol=6e-2, rtol=6e-2)
+    y.float().sum().backward()
+    assert moe.w1.weight.grad.dtype == torch.float32
+    assert moe.router.weight.grad is not None
+
+
+def test_moe_compiles_fullgraph_with_the_same_results():
+    torch.manual_seed(8)
+    moe = MoE(16, 32, 4, k=2, activation="swiglu", z_loss_coef=1e-3)
+    x = torch.randn(2, 12, 16, requires_grad=True)
+    compiled = torch.compile(moe, fullgraph=True, backend="aot_eager")
+    y = compiled(x)
+    (y.square().sum() + compiled.aux_loss).backward()
+    got = [x.grad.clone()] + [p.grad.clone() for p in moe.parameters()]
+    x.grad = None
+    moe.zero_grad(set_to_none=True)
+    y_eager = moe(x)
+    (y_eager.square().sum() + moe.aux_loss).backward()
+    torch.testing.assert_close(y, y_eager)
+    for g, p in zip(got, [x, *moe.parameters()], strict=True):
+        torch.testing.assert_close(g, p.grad)

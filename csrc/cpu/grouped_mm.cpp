@@ -45,27 +45,34 @@ void for_each_group(int64_t E, int64_t rows, int64_t K, int64_t M, const Fn& fn)
   }
 }
 
-at::Tensor grouped_mm_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor& offs) {
+at::Tensor grouped_mm_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor& offs,
+                          const c10::optional<at::Tensor>& bias_opt) {
   const KernelGuard guard;
   const char* op = "grouped_mm";
   check_dim(a, 2, op, "a", "[N, K]");
   check_dim(b, 3, op, "b", "[E, K, M]");
   check_floating(a, op, "a");
-  TORCH_CHECK_TYPE(a.scalar_type() == b.scalar_type(),
-                   "moefast.grouped_mm: a and b must share a "
-                   "dtype, got ",
-                   a.scalar_type(), " and ", b.scalar_type());
+  TORCH_CHECK_TYPE(a.scalar_type() == b.scalar_type(), "moefast.grouped_mm: a and b must share a ",
+                   "dtype, got ", a.scalar_type(), " and ", b.scalar_type());
   check_same_device(a, b, op, "a", "b");
   check_same_device(a, offs, op, "a", "offs");
-  TORCH_CHECK_VALUE(a.size(1) == b.size(1),
-                    "moefast.grouped_mm: a [N, K] and b [E, K, M] must "
-                    "agree on K, got a ",
-                    a.sizes(), " and b ", b.sizes());
+  TORCH_CHECK_VALUE(a.size(1) == b.size(1), "moefast.grouped_mm: a [N, K] and b [E, K, M] must ",
+                    "agree on K, got a ", a.sizes(), " and b ", b.sizes());
   const int64_t N = a.size(0);
   const int64_t E = b.size(0);
   const int64_t K = a.size(1);
   const int64_t M = b.size(2);
   check_offs(offs, E, N, op);
+  const bool has_bias = bias_opt.has_value() && bias_opt->defined();
+  if (has_bias) {
+    const at::Tensor& bias = *bias_opt;
+    TORCH_CHECK_TYPE(bias.scalar_type() == a.scalar_type(), "moefast.grouped_mm: bias must have ",
+                     "the dtype of a, ", a.scalar_type(), ", got ", bias.scalar_type());
+    check_same_device(a, bias, op, "a", "bias");
+    TORCH_CHECK_VALUE(bias.dim() == 2 && bias.size(0) == E && bias.size(1) == M,
+                      "moefast.grouped_mm: bias must be [E, M] = [", E, ", ", M, "], got ",
+                      bias.sizes());
+  }
   at::Tensor out = new_output({N, M}, a.options());
   const at::Tensor o = offs.contiguous();
   const int32_t* ends = o.const_data_ptr<int32_t>();
@@ -75,10 +82,40 @@ at::Tensor grouped_mm_cpu(const at::Tensor& a, const at::Tensor& b, const at::Te
     const int64_t end = group_end(ends, e);
     if (end == begin) return;
     at::Tensor dst = out.narrow(0, begin, end - begin);
-    at::mm_out(dst, a.narrow(0, begin, end - begin), b.select(0, e));
+    const at::Tensor rows = a.narrow(0, begin, end - begin);
+    if (has_bias) {
+      // BLAS adds the broadcast bias row in the same pass (beta = 1).
+      at::addmm_out(dst, bias_opt->select(0, e), rows, b.select(0, e));
+    } else {
+      at::mm_out(dst, rows, b.select(0, e));
+    }
   });
   if (used < N) out.narrow(0, used, N - used).zero_();
   return out;
+}
+
+at::Tensor grouped_bias_grad_cpu(const at::Tensor& grad_out, const at::Tensor& offs) {
+  const KernelGuard guard;
+  const char* op = "grouped_mm (bias gradient)";
+  check_dim(grad_out, 2, op, "grad_out", "[N, M]");
+  check_floating(grad_out, op, "grad_out");
+  check_dim(offs, 1, op, "offs", "[E]");
+  check_same_device(grad_out, offs, op, "grad_out", "offs");
+  const int64_t E = offs.size(0);
+  check_offs(offs, E, grad_out.size(0), op);
+  at::Tensor grad_bias = new_output({E, grad_out.size(1)}, grad_out.options());
+  const at::Tensor o = offs.contiguous();
+  const int32_t* ends = o.const_data_ptr<int32_t>();
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t begin = group_begin(ends, e);
+    at::Tensor dst = grad_bias.select(0, e);
+    if (group_end(ends, e) == begin) {
+      dst.zero_();
+    } else {
+      at::sum_out(dst, grad_out.narrow(0, begin, group_end(ends, e) - begin), {0});
+    }
+  }
+  return grad_bias;
 }
 
 at::Tensor grouped_mm_weight_grad_cpu(const at::Tensor& a, const at::Tensor& grad_out,
@@ -122,6 +159,7 @@ at::Tensor grouped_mm_weight_grad_cpu(const at::Tensor& a, const at::Tensor& gra
 TORCH_LIBRARY_IMPL(moefast, CPU, m) {
   m.impl("grouped_mm", &grouped_mm_cpu);
   m.impl("grouped_mm_weight_grad", &grouped_mm_weight_grad_cpu);
+  m.impl("grouped_bias_grad", &grouped_bias_grad_cpu);
 }
 
 }  // namespace moefast

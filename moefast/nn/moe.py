@@ -18,8 +18,8 @@ class GroupedLinear(nn.Module):
 
     ``weight`` is ``[E, in_features, out_features]`` (the ``torch._grouped_mm`` layout) and ``bias``
     ``[E, out_features]``. ``forward(x [N, in], offs [E])`` takes the int32 cumulative row ends of
-    the groups (``Routing.offs``); rows past ``offs[-1]`` come out as zeros (no bias). Each expert
-    is initialised as ``nn.Linear(in_features, out_features)`` would be.
+    the groups (``Routing.offs``); rows past ``offs[-1]`` come out as zeros (no bias); the bias is
+    added inside the grouped GEMM. Each expert is initialised as ``nn.Linear(in_features, out_features)`` would be.
     """
 
     def __init__(
@@ -56,15 +56,7 @@ class GroupedLinear(nn.Module):
             nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, x: Tensor, offs: Tensor) -> Tensor:
-        y = ops.grouped_mm(x, self.weight, offs)
-        if self.bias is not None:
-            # The group of each row, found on the device (no host sync); rows past offs[-1] map to
-            # E and get no bias.
-            rows = torch.arange(x.shape[0], device=x.device, dtype=offs.dtype)
-            group = torch.searchsorted(offs, rows, right=True)
-            bias = F.pad(self.bias, (0, 0, 0, 1))  # row E of zeros for the unused rows
-            y = y + bias[group]
-        return y
+        return ops.grouped_mm(x, self.weight, offs, self.bias)
 
     def extra_repr(self) -> str:
         return (
@@ -82,7 +74,15 @@ class MoE(nn.Module):
     (``k == num_experts``); see :func:`moefast.route`. Activations: ``gelu``, ``relu``, ``silu``,
     and ``swiglu`` (``w1`` then has ``2 * d_hidden`` outputs, the gate half first, then the up
     half: ``silu(gate) * up``). After each call ``aux_loss`` holds the load-balancing loss
-    (plus ``z_loss_coef`` times the router z-loss) to add to the training loss.
+    (plus ``z_loss_coef`` times the router z-loss) to add to the training loss, and
+    ``last_routing`` the :class:`moefast.Routing` used.
+
+    Dropless by default: every token reaches all ``k`` of its experts. With ``capacity_factor``
+    set, each expert takes at most ``ceil(capacity_factor * T * k / num_experts)`` token slots of a
+    call's ``T`` tokens, and the rest are dropped by the policy of :func:`moefast.apply_capacity`
+    (first choices before second choices, earlier tokens first; a dropped slot adds nothing to its
+    token's output, and the other weights are not renormalised). The balance loss is computed on
+    the router's choices before dropping.
     """
 
     def __init__(
@@ -96,6 +96,7 @@ class MoE(nn.Module):
         activation: str = "gelu",
         bias: bool = True,
         z_loss_coef: float = 0.0,
+        capacity_factor: float | None = None,
         device=None,
         dtype=None,
     ) -> None:
@@ -108,6 +109,10 @@ class MoE(nn.Module):
             raise ValueError(f"MoE: k must be in [1, num_experts] = [1, {num_experts}], got {k}")
         if router == "hard" and k != 1:
             raise ValueError(f"MoE: router 'hard' needs k == 1, got k={k}")
+        if capacity_factor is not None and not capacity_factor > 0:
+            raise ValueError(
+                f"MoE: capacity_factor must be positive or None, got {capacity_factor}"
+            )
         if router == "dense" and k != num_experts:
             raise ValueError(
                 f"MoE: router 'dense' needs k == num_experts == {num_experts}, got {k}"
@@ -121,6 +126,7 @@ class MoE(nn.Module):
         self.normalize = normalize
         self.activation = activation
         self.z_loss_coef = z_loss_coef
+        self.capacity_factor = capacity_factor
         self.router = nn.Linear(d_model, num_experts, bias=False, **factory)
         w1_out = 2 * d_hidden if activation == "swiglu" else d_hidden
         self.w1 = GroupedLinear(num_experts, d_model, w1_out, bias=bias, **factory)
@@ -152,11 +158,15 @@ class MoE(nn.Module):
             )
         tokens = x.reshape(-1, self.d_model)
         logits = self.router(tokens)
-        routing = ops.route(logits, self.k, mode=self.mode, normalize=self.normalize)
+        chosen = ops.route(logits, self.k, mode=self.mode, normalize=self.normalize)
+        routing = chosen
+        if self.capacity_factor is not None:
+            capacity = math.ceil(self.capacity_factor * tokens.shape[0] * self.k / self.num_experts)
+            routing = ops.apply_capacity(chosen, capacity)
         h = self.w1(ops.permute(tokens, routing), routing.offs)
         y = self.w2(self._act(h), routing.offs)
         out = ops.unpermute(y, routing)
-        aux = ops.load_balancing_loss(logits, routing)
+        aux = ops.load_balancing_loss(logits, chosen)
         if self.z_loss_coef:
             aux = aux + self.z_loss_coef * ops.z_loss(logits)
         self.aux_loss = aux
@@ -167,5 +177,5 @@ class MoE(nn.Module):
         return (
             f"d_model={self.d_model}, d_hidden={self.d_hidden}, num_experts={self.num_experts}, "
             f"k={self.k}, router={self.mode!r}, normalize={self.normalize}, "
-            f"activation={self.activation!r}"
+            f"activation={self.activation!r}, capacity_factor={self.capacity_factor}"
         )
