@@ -8,11 +8,13 @@
 // and exits non-zero when any failed, so ctest reports it.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <sstream>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace moefast::test {
@@ -113,17 +115,17 @@ bool check_near(const A& a, const B& b, double tol, const char* file, int line, 
 #define MOEFAST_TEST_CAT2(a, b) a##b
 #define MOEFAST_TEST_CAT(a, b) MOEFAST_TEST_CAT2(a, b)
 
-#define MOEFAST_TEST(name)                                                              \
-  static void MOEFAST_TEST_CAT(moefast_test_fn_, name)();                               \
-  static const ::moefast::test::Registrar MOEFAST_TEST_CAT(moefast_test_reg_, name)(    \
-      #name, &MOEFAST_TEST_CAT(moefast_test_fn_, name));                                \
+#define MOEFAST_TEST(name)                                                           \
+  static void MOEFAST_TEST_CAT(moefast_test_fn_, name)();                            \
+  static const ::moefast::test::Registrar MOEFAST_TEST_CAT(moefast_test_reg_, name)( \
+      #name, &MOEFAST_TEST_CAT(moefast_test_fn_, name));                             \
   static void MOEFAST_TEST_CAT(moefast_test_fn_, name)()
 
 #define CHECK(cond) ::moefast::test::check(static_cast<bool>(cond), __FILE__, __LINE__, #cond)
 #define CHECK_EQ(a, b) ::moefast::test::check_eq((a), (b), __FILE__, __LINE__, #a, #b)
 #define CHECK_NEAR(a, b, tol) \
   ::moefast::test::check_near((a), (b), (tol), __FILE__, __LINE__, #a, #b)
-#define REQUIRE(cond)                                                                    \
-  do {                                                                                   \
+#define REQUIRE(cond)                                                                        \
+  do {                                                                                       \
     if (!::moefast::test::check(static_cast<bool>(cond), __FILE__, __LINE__, #cond)) return; \
   } while (0)
