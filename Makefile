@@ -22,7 +22,7 @@ $(PY):
 $(STAMP): $(PY) setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.h csrc/include/*/*.h)
 	$(PIP) install --quiet "$(TORCH)"
 	$(PIP) install --quiet setuptools wheel ninja pybind11 numpy
-	MAX_JOBS=$(JOBS) $(PIP) install --quiet --no-build-isolation -e ".[test,demo,dev]"
+	MAX_JOBS=$(JOBS) $(PIP) install --quiet --no-build-isolation -e ".[test,demo,dev,transformers]"
 	@touch $@
 
 demo: $(STAMP)

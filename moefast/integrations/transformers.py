@@ -24,8 +24,6 @@ the expert weights (and biases) and the routing weights, hence the router.
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 from torch import Tensor, nn
 
@@ -33,7 +31,8 @@ from .. import ops
 from ..nn import MoE
 
 try:
-    from transformers.integrations.moe import ExpertsInterface, _default_apply_gate
+    from transformers.integrations import moe as _hf_moe
+    from transformers.integrations.moe import ExpertsInterface
 except ImportError as exc:  # pragma: no cover - the message is the point
     raise ImportError(
         "moefast.integrations.transformers needs Hugging Face transformers 5.x (with "
@@ -53,19 +52,12 @@ __all__ = [
 #: The name under which :func:`register` adds moefast to transformers' ``ExpertsInterface``.
 EXPERTS_IMPLEMENTATION = "moefast"
 
-# moefast.grouped_mm grew an optional per-group ``bias`` (added inside the GEMM, not to the rows
-# past offs[-1]); older builds take (a, b, offs) only, and the bias is then added per row here.
-_GROUPED_MM_HAS_BIAS = "bias" in inspect.signature(ops.grouped_mm).parameters
+# transformers' gate, act(gate) * up with the gate half first, installed on every experts class
+# that defines no _apply_gate of its own (private; absent from some versions).
+_default_apply_gate = getattr(_hf_moe, "_default_apply_gate", None)
 
 
 # ----------------------------------------------------------------------------- experts forward
-
-
-def _row_bias(bias: Tensor, group: Tensor, pad: bool) -> Tensor:
-    """``bias [G, M]`` gathered for each permuted row of group ``group [N]`` (int32)."""
-    if pad:  # the phantom group G (expert-parallel sentinels) gets no bias
-        bias = torch.nn.functional.pad(bias, (0, 0, 0, 1))
-    return bias.index_select(0, group)
 
 
 def _grouped_linear(
@@ -73,20 +65,14 @@ def _grouped_linear(
     weight: Tensor,
     bias: Tensor | None,
     offs: Tensor,
-    group: Tensor | None,
-    pad: bool,
     is_transposed: bool,
 ) -> Tensor:
     """``x [N, in]`` times the HF expert weights ``[E, out, in]`` (``[E, in, out]`` if transposed)."""
     # The [E, in, out] operand that grouped_mm wants, as a view: no copy of the weights.
     w = weight if is_transposed else weight.transpose(1, 2)
     x = x.to(w.dtype)
-    if bias is None:
-        return ops.grouped_mm(x, w, offs)
-    bias = bias.to(x.dtype)
-    if _GROUPED_MM_HAS_BIAS:
-        return ops.grouped_mm(x, w, offs, bias)
-    return ops.grouped_mm(x, w, offs) + _row_bias(bias, group, pad)
+    # The bias is added inside the GEMM, to the rows of its group only.
+    return ops.grouped_mm(x, w, offs, None if bias is None else bias.to(x.dtype))
 
 
 def moefast_experts_forward(
@@ -103,48 +89,43 @@ def moefast_experts_forward(
     contribute nothing, not even a router gradient). Sync-free: nothing is read back to the host.
     """
     num_experts = self.num_experts
+    # Set by @use_experts_implementation; the defaults are its own.
+    has_gate = getattr(self, "has_gate", True)
+    has_bias = getattr(self, "has_bias", False)
+    is_transposed = getattr(self, "is_transposed", False)
     expert_parallel = bool(getattr(self, "_is_expert_parallel", False))
-    weights = top_k_weights
     if expert_parallel:
         # Sentinels go to a phantom group E, sorted after every real expert, so that grouped_mm
         # (given the first E offsets only) leaves their rows at zero; their weights are zeroed so
-        # that they add nothing, forward or backward.
+        # that they add nothing, forward or backward, whatever the caller passed.
         sentinel = top_k_index >= num_experts
         routing = ops.routing_from_ids(
             top_k_index.clamp(max=num_experts),
             num_experts + 1,
-            weights=weights.masked_fill(sentinel, 0.0),
+            weights=top_k_weights.masked_fill(sentinel, 0.0),
         )
         offs = routing.offs[:num_experts]
     else:
-        routing = ops.routing_from_ids(top_k_index, num_experts, weights=weights)
+        routing = ops.routing_from_ids(top_k_index, num_experts, weights=top_k_weights)
         offs = routing.offs
 
-    group = None
-    if self.has_bias and not _GROUPED_MM_HAS_BIAS:
-        # The expert of each permuted row: the routed ids in permuted order.
-        group = routing.expert_ids.reshape(-1).index_select(0, routing.order)
-
-    up_weight = self.gate_up_proj if self.has_gate else self.up_proj
-    x = ops.permute(hidden_states.to(up_weight.dtype), routing)  # [S * k, H], grouped by expert
-
-    if self.has_gate:
-        up_bias = self.gate_up_proj_bias if self.has_bias else None
+    if has_gate:
+        up_weight = self.gate_up_proj
+        up_bias = self.gate_up_proj_bias if has_bias else None
     else:
-        up_bias = self.up_proj_bias if self.has_bias else None
-    h = _grouped_linear(x, up_weight, up_bias, offs, group, expert_parallel, self.is_transposed)
-    h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
+        up_weight = self.up_proj
+        up_bias = self.up_proj_bias if has_bias else None
+    down_bias = self.down_proj_bias if has_bias else None
 
-    down_bias = self.down_proj_bias if self.has_bias else None
-    y = _grouped_linear(
-        h, self.down_proj, down_bias, offs, group, expert_parallel, self.is_transposed
-    )
-    if self.has_post_expert_norm:
+    x = ops.permute(hidden_states.to(up_weight.dtype), routing)  # [S * k, H], grouped by expert
+    h = _grouped_linear(x, up_weight, up_bias, offs, is_transposed)
+    h = self._apply_gate(h) if has_gate else self.act_fn(h)
+    y = _grouped_linear(h, self.down_proj, down_bias, offs, is_transposed)
+    if getattr(self, "has_post_expert_norm", False):
         y = self.post_expert_norm(y)
 
     # Weighted sum of each token's k expert outputs (float32 accumulation for 16-bit y).
-    out = ops.unpermute(y, routing)
-    return out.to(hidden_states.dtype)
+    return ops.unpermute(y, routing).to(hidden_states.dtype)
 
 
 # ----------------------------------------------------------------------------- registration
@@ -306,7 +287,7 @@ def moe_from_hf(block: nn.Module) -> MoE | HFMoEBlock:
         raise ValueError("moe_from_hf: experts with biases or a post-expert norm are not supported")
     if not getattr(experts, "is_concatenated", True):
         raise ValueError("moe_from_hf: interleaved gate/up weights are not supported")
-    if getattr(type(experts), "_apply_gate", _default_apply_gate) is not _default_apply_gate:
+    if getattr(type(experts), "_apply_gate", None) not in (None, _default_apply_gate):
         raise ValueError(
             f"moe_from_hf: {type(experts).__name__} has a custom _apply_gate; only "
             "act(gate) * up with the gate half first maps onto activation='swiglu'"

@@ -173,6 +173,15 @@ class MoE(nn.Module):
         self.last_routing = routing
         return out.reshape(x.shape)
 
+    @classmethod
+    def from_hf(cls, block: nn.Module) -> nn.Module:
+        """Converts a Hugging Face sparse-MoE block (Mixtral, Qwen3-MoE, OLMoE, Qwen2-MoE) into a
+        moefast layer with the same function; see
+        :func:`moefast.integrations.transformers.moe_from_hf` (needs ``transformers``)."""
+        from ..integrations.transformers import moe_from_hf
+
+        return moe_from_hf(block)
+
     def extra_repr(self) -> str:
         return (
             f"d_model={self.d_model}, d_hidden={self.d_hidden}, num_experts={self.num_experts}, "
