@@ -1,0 +1,113 @@
+"""The whole MoE layer, forward + backward: route -> permute -> grouped_mm -> GELU -> grouped_mm
+-> unpermute, with gradients for the tokens, the router and both expert weights.
+
+The router runs in float32 (``x.float() @ router_weight``) in every variant, so that all of them
+pick the same experts; for ``zipf`` routing a fixed bias ``log p_zipf`` is added to the logits.
+Variants: moefast ops; ``moefast.reference`` ops; the Mixtral-style loop over experts
+(``loop``); a plain-torch pipeline around PyTorch's grouped GEMM (``torch_grouped_mm``); and as
+the ``limit`` the same two GEMMs and GELU done densely on ``T * k`` rows (each token repeated
+``k`` times, the ``k`` outputs summed), forward + backward.
+"""
+
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from bench_baselines import loop_moe, torch_grouped_mm_unavailable, torch_moe
+from bench_cases import (
+    DTYPES,
+    ROUTINGS,
+    SHAPES,
+    VARIANTS_ORDER,
+    assert_close,
+    expected,
+    group_name,
+    params,
+    randn,
+    zipf_probabilities,
+)
+
+import moefast
+from moefast import reference
+
+
+def moefast_moe(x, router_weight, router_bias, w1, w2, k):
+    r = moefast.route(x.float() @ router_weight + router_bias, k)
+    h = moefast.permute(x, r)
+    h = F.gelu(moefast.grouped_mm(h, w1, r.offs))
+    h = moefast.grouped_mm(h, w2, r.offs)
+    return moefast.unpermute(h, r, r.weights.to(x.dtype))
+
+
+def reference_moe(x, router_weight, router_bias, w1, w2, k):
+    weights, ids = reference.route(x.float() @ router_weight + router_bias, k)
+    _counts, offs, position, _order = reference.routing_plan(ids, w1.shape[0])
+    h = reference.permute(x, position)
+    h = F.gelu(reference.grouped_mm(h, w1, offs))
+    h = reference.grouped_mm(h, w2, offs)
+    return reference.unpermute(h, position, weights.to(x.dtype))
+
+
+def dense_limit(x, router_weight, router_bias, w1, w2, k):
+    h = F.gelu(x.repeat_interleave(k, dim=0) @ w1[0]) @ w2[0]
+    return h.view(x.shape[0], k, x.shape[1]).sum(dim=1)
+
+
+MOE_FNS = {
+    "moefast": moefast_moe,
+    "reference": reference_moe,
+    "loop": loop_moe,
+    "torch_grouped_mm": torch_moe,
+    "limit": dense_limit,
+}
+
+
+@functools.lru_cache(maxsize=1)
+def pipeline_inputs(shape_name, dtype_name, routing):
+    s, dtype = SHAPES[shape_name], DTYPES[dtype_name]
+    bias = torch.zeros(s.E) if routing == "uniform" else zipf_probabilities(s.E).log()
+    return dict(
+        x=randn(s.T, s.d, dtype=dtype, seed=1).requires_grad_(),
+        router_weight=randn(
+            s.d, s.E, dtype=torch.float32, scale=s.d**-0.5, seed=2
+        ).requires_grad_(),
+        router_bias=bias,
+        w1=randn(s.E, s.d, s.h, dtype=dtype, scale=s.d**-0.5, seed=3).requires_grad_(),
+        w2=randn(s.E, s.h, s.d, dtype=dtype, scale=s.h**-0.5, seed=4).requires_grad_(),
+        grad=randn(s.T, s.d, dtype=dtype, seed=5),
+    )
+
+
+@pytest.mark.parametrize(
+    "shape_name,dtype_name,routing,variant",
+    params(SHAPES, DTYPES, ROUTINGS, variants=VARIANTS_ORDER),
+)
+def test_moe_forward_backward(bench, shape_name, dtype_name, routing, variant):
+    s, dtype = SHAPES[shape_name], DTYPES[dtype_name]
+    if variant == "torch_grouped_mm" and torch_grouped_mm_unavailable(dtype):
+        pytest.skip(torch_grouped_mm_unavailable(dtype))
+    inp = pipeline_inputs(shape_name, dtype_name, routing)
+    params_ = (inp["x"], inp["router_weight"], inp["w1"], inp["w2"])
+
+    def step(f):
+        out = f(inp["x"], inp["router_weight"], inp["router_bias"], inp["w1"], inp["w2"], s.k)
+        grads = torch.autograd.grad(out, params_, inp["grad"], allow_unused=True)
+        return (out, *grads)
+
+    group = group_name("moe layer fwd+bwd", s.label, dtype_name, routing)
+    want = expected(group, lambda: step(moefast_moe))
+
+    def check(got):
+        if variant != "limit":
+            assert_close(got, want, dtype, "(out, grad_x, grad_router, grad_w1, grad_w2)")
+
+    bench(
+        lambda: step(MOE_FNS[variant]),
+        group=group,
+        variant=variant,
+        check=check,
+        info=dict(
+            op="moe_layer", phase="forward+backward", dtype=dtype_name, routing=routing, **s.info
+        ),
+    )
