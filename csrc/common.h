@@ -85,12 +85,137 @@ inline void check_same_device(const at::Tensor& a, const at::Tensor& b, const ch
                     " must be on the same device, got ", a.device(), " and ", b.device());
 }
 
+inline void check_router_args(const at::Tensor& logits, int64_t k, RouterMode mode,
+                              const char* op) {
+  check_dim(logits, 2, op, "logits", "[T, E]");
+  check_floating(logits, op, "logits");
+  const int64_t E = logits.size(1);
+  TORCH_CHECK_VALUE(E >= 1, "moefast.", op,
+                    ": logits must have at least one expert column, got "
+                    "shape ",
+                    logits.sizes());
+  TORCH_CHECK_VALUE(k >= 1 && k <= E, "moefast.", op, ": k must be in [1, E] = [1, ", E,
+                    "], got k=", k);
+  TORCH_CHECK_VALUE(mode != RouterMode::kHard || k == 1, "moefast.", op,
+                    ": mode 'hard' needs k == 1, got k=", k);
+  TORCH_CHECK_VALUE(mode != RouterMode::kDense || k == E, "moefast.", op,
+                    ": mode 'dense' needs k == E == ", E, ", got k=", k);
+  TORCH_CHECK_VALUE(E < (int64_t{1} << 31), "moefast.", op, ": E must fit in int32");
+}
+
+// Checks router_backward's arguments; returns k.
+inline int64_t check_router_backward_args(const at::Tensor& grad_weights_in,
+                                          const at::Tensor& logits_in, const at::Tensor& ids_in,
+                                          RouterMode mode) {
+  const char* op = "route (backward)";
+  check_dim(ids_in, 2, op, "expert_ids", "[T, k]");
+  check_int32(ids_in, op, "expert_ids");
+  const int64_t k = ids_in.size(1);
+  check_router_args(logits_in, k, mode, op);
+  check_same_device(logits_in, ids_in, op, "logits", "expert_ids");
+  check_same_device(logits_in, grad_weights_in, op, "logits", "grad_weights");
+  TORCH_CHECK_VALUE(ids_in.size(0) == logits_in.size(0), "moefast.route (backward): expert_ids ",
+                    "must be [T, k] with T = ", logits_in.size(0), ", got ", ids_in.sizes());
+  TORCH_CHECK_VALUE(grad_weights_in.sizes() == ids_in.sizes(),
+                    "moefast.route (backward): ", "grad_weights must be [T, k] = ", ids_in.sizes(),
+                    ", got ", grad_weights_in.sizes());
+  return k;
+}
+
 // Checks a [T, k] int32 position tensor made by routing_plan.
 inline void check_position(const at::Tensor& position, const char* op) {
   check_dim(position, 2, op, "position", "[T, k]");
   check_int32(position, op, "position");
   TORCH_CHECK_VALUE(position.numel() < (int64_t{1} << 31), "moefast.", op,
                     ": T * k must fit in int32, got ", position.numel());
+}
+
+// Checks routing_plan's arguments.
+inline void check_plan_args(const at::Tensor& ids_in, int64_t num_experts) {
+  const char* op = "routing_plan";
+  check_dim(ids_in, 2, op, "expert_ids", "[T, k]");
+  check_int32(ids_in, op, "expert_ids");
+  TORCH_CHECK_VALUE(num_experts >= 1 && num_experts < (int64_t{1} << 31),
+                    "moefast.routing_plan: num_experts must be in [1, 2^31), got ", num_experts);
+  TORCH_CHECK_VALUE(ids_in.numel() < (int64_t{1} << 31),
+                    "moefast.routing_plan: T * k must fit in int32, got ", ids_in.numel());
+}
+
+// Shape, dtype and device checks of permute's arguments.
+inline void check_permute_args(const at::Tensor& x_in, const at::Tensor& position_in) {
+  const char* op = "permute";
+  check_dim(x_in, 2, op, "x", "[T, d]");
+  check_floating(x_in, op, "x");
+  check_position(position_in, op);
+  check_same_device(x_in, position_in, op, "x", "position");
+  TORCH_CHECK_VALUE(x_in.size(0) == position_in.size(0), "moefast.permute: x has ", x_in.size(0),
+                    " rows but the routing has T = ", position_in.size(0), " tokens");
+}
+
+// Shape, dtype and device checks of unpermute's arguments.
+inline void check_unpermute_args(const at::Tensor& y_in, const at::Tensor& position_in) {
+  const char* op = "unpermute";
+  check_dim(y_in, 2, op, "y", "[T * k, d]");
+  check_floating(y_in, op, "y");
+  check_position(position_in, op);
+  check_same_device(y_in, position_in, op, "y", "position");
+  TORCH_CHECK_VALUE(y_in.size(0) == position_in.numel(),
+                    "moefast.unpermute: y must have T * k = ", position_in.numel(), " rows, got ",
+                    y_in.size(0));
+}
+
+// Shape, dtype and device checks of unpermute_weight_grad's arguments.
+inline void check_weight_grad_args(const at::Tensor& grad_out_in, const at::Tensor& y_in,
+                                   const at::Tensor& position_in) {
+  const char* op = "unpermute (weight gradient)";
+  check_dim(grad_out_in, 2, op, "grad_out", "[T, d]");
+  check_dim(y_in, 2, op, "y", "[T * k, d]");
+  check_position(position_in, op);
+  check_floating(y_in, op, "y");
+  TORCH_CHECK_TYPE(grad_out_in.scalar_type() == y_in.scalar_type(), "moefast.", op,
+                   ": grad_out and y must share a dtype, got ", grad_out_in.scalar_type(), " and ",
+                   y_in.scalar_type());
+  TORCH_CHECK_VALUE(y_in.size(0) == position_in.numel() &&
+                        grad_out_in.size(0) == position_in.size(0) &&
+                        grad_out_in.size(1) == y_in.size(1),
+                    "moefast.", op,
+                    ": expected grad_out [T, d] and y [T * k, d] with T, k = ", position_in.sizes(),
+                    ", got ", grad_out_in.sizes(), " and ", y_in.sizes());
+}
+
+inline void check_mixture_args(const at::Tensor& gate, const at::Tensor& expert_out,
+                               const char* op) {
+  check_dim(gate, 2, op, "gate_logits", "[B, E]");
+  check_dim(expert_out, 3, op, "expert_out", "[E, B, C]");
+  check_floating(gate, op, "gate_logits");
+  TORCH_CHECK_TYPE(gate.scalar_type() == expert_out.scalar_type(), "moefast.", op,
+                   ": gate_logits and expert_out must share a dtype, got ", gate.scalar_type(),
+                   " and ", expert_out.scalar_type());
+  check_same_device(gate, expert_out, op, "gate_logits", "expert_out");
+  TORCH_CHECK_VALUE(gate.size(1) >= 1, "moefast.", op,
+                    ": gate_logits needs at least one expert column, got shape ", gate.sizes());
+  TORCH_CHECK_VALUE(expert_out.size(0) == gate.size(1) && expert_out.size(1) == gate.size(0),
+                    "moefast.", op, ": expert_out must be [E, B, C] with E, B = ", gate.size(1),
+                    ", ", gate.size(0), " from gate_logits [B, E], got ", expert_out.sizes());
+}
+
+inline void check_mixture_backward_args(const at::Tensor& grad_out_in, const at::Tensor& gate_in,
+                                        const at::Tensor& expert_out_in) {
+  const char* op = "mixture (backward)";
+  check_mixture_args(gate_in, expert_out_in, op);
+  TORCH_CHECK_VALUE(grad_out_in.dim() == 2 && grad_out_in.size(0) == gate_in.size(0) &&
+                        grad_out_in.size(1) == expert_out_in.size(2),
+                    "moefast.", op, ": grad_out must be [B, C], got ", grad_out_in.sizes());
+}
+
+// Shape, dtype and device checks of grouped_bias_grad (the values of offs are checked on the CPU).
+inline void check_bias_grad_args(const at::Tensor& grad_out, const at::Tensor& offs) {
+  const char* op = "grouped_mm (bias gradient)";
+  check_dim(grad_out, 2, op, "grad_out", "[N, M]");
+  check_floating(grad_out, op, "grad_out");
+  check_dim(offs, 1, op, "offs", "[E]");
+  check_same_device(grad_out, offs, op, "grad_out", "offs");
+  check_int32(offs, op, "offs");
 }
 
 // Optional [T, k] weights -> contiguous tensor in the accumulation dtype of `like`.

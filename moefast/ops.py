@@ -21,6 +21,7 @@ Nothing here reads a device value on the host, so a pipeline on the GPU never sy
 
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple
 
 import torch
@@ -41,6 +42,11 @@ __all__ = [
     "unpermute",
     "z_loss",
 ]
+
+try:  # NVTX ranges name every op in an Nsight profile; optional, and free without a profiler.
+    import nvtx as _nvtx
+except ImportError:  # pragma: no cover
+    _nvtx = None
 
 ROUTER_MODES = ("softmax_topk", "topk_softmax", "hard", "dense")
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -117,6 +123,18 @@ def _check_weights(op: str, weights: Tensor, position: Tensor) -> None:
         )
 
 
+def _range(name: str):
+    """An NVTX range named ``moefast.<name>`` around an op (none while torch.compile traces)."""
+    if _nvtx is None or torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    return _nvtx.annotate(f"moefast.{name}", domain="moefast")
+
+
+def _autocast_enabled(device: torch.device) -> bool:
+    # torch.is_autocast_enabled raises for device types without autocast (meta, for one).
+    return device.type in ("cpu", "cuda", "xpu", "mps") and torch.is_autocast_enabled(device.type)
+
+
 # ----------------------------------------------------------------------------- public API
 
 
@@ -154,8 +172,9 @@ def route(
         raise ValueError(f"moefast.route: mode 'hard' needs k == 1, got k={k}")
     if mode == "dense" and k != E:
         raise ValueError(f"moefast.route: mode 'dense' needs k == E == {E}, got k={k}")
-    weights, expert_ids = _ops.router(logits, k, mode, bool(normalize))
-    counts, offs, position, order = _ops.routing_plan(expert_ids, E)
+    with _range("route"):
+        weights, expert_ids = _ops.router(logits, k, mode, bool(normalize))
+        counts, offs, position, order = _ops.routing_plan(expert_ids, E)
     return Routing(expert_ids, weights, offs, counts, position, order)
 
 
@@ -182,12 +201,17 @@ def routing_from_ids(
     T, k = expert_ids.shape
     if k < 1:
         raise ValueError("moefast.routing_from_ids: expert_ids needs at least one column (k >= 1)")
+    if expert_ids.dtype == torch.int64:
+        # Clamp before narrowing, so that an id outside int32 cannot wrap onto a valid expert: it
+        # stays out of range and the plan rejects it (CPU) or drops it past offs[-1] (CUDA).
+        expert_ids = expert_ids.clamp(-(2**31), 2**31 - 1)
     ids = expert_ids.to(torch.int32).contiguous()
     if weights is None:
         weights = torch.full((T, k), 1.0 / k, dtype=torch.float32, device=ids.device)
     else:
         _check_weights(op, weights, ids)
-    counts, offs, position, order = _ops.routing_plan(ids, num_experts)
+    with _range("routing_plan"):
+        counts, offs, position, order = _ops.routing_plan(ids, num_experts)
     return Routing(ids, weights, offs, counts, position, order)
 
 
@@ -254,7 +278,8 @@ def permute(x: Tensor, routing: Routing) -> Tensor:
             f"moefast.permute: x has {x.shape[0]} rows but the routing has "
             f"T = {routing.position.shape[0]} tokens"
         )
-    return _ops.permute(x, routing.position, None)
+    with _range("permute"):
+        return _ops.permute(x, routing.position, None)
 
 
 def unpermute(y: Tensor, routing: Routing, weights: Tensor | None = None) -> Tensor:
@@ -274,7 +299,8 @@ def unpermute(y: Tensor, routing: Routing, weights: Tensor | None = None) -> Ten
         raise ValueError(f"moefast.unpermute: y must have T * k = {n} rows, got {y.shape[0]}")
     w = routing.weights if weights is None else weights
     _check_weights(op, w, routing.position)
-    return _ops.unpermute(y, routing.position, w)
+    with _range("unpermute"):
+        return _ops.unpermute(y, routing.position, w)
 
 
 def grouped_mm(a: Tensor, b: Tensor, offs: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -292,7 +318,7 @@ def grouped_mm(a: Tensor, b: Tensor, offs: Tensor, bias: Tensor | None = None) -
     _check_tensor(op, "b", b, 3, "[E, K, M]")
     _check_tensor(op, "offs", offs, 1, "[E]")
     _check_float(op, "a", a)
-    autocast = torch.is_autocast_enabled(a.device.type)  # casts a, b and bias to one dtype
+    autocast = _autocast_enabled(a.device)  # casts a, b and bias to one dtype
     if b.dtype != a.dtype and not autocast:
         raise TypeError(
             f"moefast.grouped_mm: a and b must share a dtype, got {a.dtype} and {b.dtype}"
@@ -323,7 +349,8 @@ def grouped_mm(a: Tensor, b: Tensor, offs: Tensor, bias: Tensor | None = None) -
             raise TypeError(
                 f"moefast.grouped_mm: bias must have the dtype of a, {a.dtype}, got {bias.dtype}"
             )
-    return _ops.grouped_mm(a, b, offs, bias)
+    with _range("grouped_mm"):
+        return _ops.grouped_mm(a, b, offs, bias)
 
 
 def mixture(gate_logits: Tensor, expert_out: Tensor) -> Tensor:
@@ -349,7 +376,8 @@ def mixture(gate_logits: Tensor, expert_out: Tensor) -> Tensor:
             f"moefast.mixture: expert_out must be [E, B, C] with E = {E}, B = {B} from "
             f"gate_logits [B, E], got {tuple(expert_out.shape)}"
         )
-    return _ops.mixture(gate_logits, expert_out)
+    with _range("mixture"):
+        return _ops.mixture(gate_logits, expert_out)
 
 
 def load_balancing_loss(logits: Tensor, routing: Routing) -> Tensor:
@@ -364,6 +392,7 @@ def load_balancing_loss(logits: Tensor, routing: Routing) -> Tensor:
     _check_tensor(op, "logits", logits, 2, "[T, E]")
     _check_float(op, "logits", logits)
     _check_routing(op, routing)
+    _check_device(op, "logits", logits, "routing", routing.counts)
     T, E = logits.shape
     if routing.counts.shape[0] != E or routing.expert_ids.shape[0] != T:
         raise ValueError(
@@ -472,7 +501,10 @@ def _router_backward(ctx, grad_weights, _grad_ids):
     if ctx.mode == "hard" or not ctx.needs_input_grad[0]:
         return None, None, None, None
     logits, expert_ids = ctx.saved_tensors
-    grad_logits = _ops.router_backward(grad_weights, logits, expert_ids, ctx.mode, ctx.normalize)
+    with _range("route.backward"):
+        grad_logits = _ops.router_backward(
+            grad_weights, logits, expert_ids, ctx.mode, ctx.normalize
+        )
     return grad_logits, None, None, None
 
 
@@ -487,13 +519,14 @@ def _permute_setup(ctx, inputs, output):
 
 
 def _permute_backward(ctx, grad_out):
-    x, position, weights = ctx.saved_tensors
-    grad_x = grad_w = None
-    if ctx.needs_input_grad[0]:
-        grad_x = _ops.unpermute(grad_out, position, weights)
-    if ctx.has_weights and ctx.needs_input_grad[2]:
-        grad_w = _ops.unpermute_weight_grad(x, grad_out, position).to(ctx.weights_dtype)
-    return grad_x, None, grad_w
+    with _range("permute.backward"):
+        x, position, weights = ctx.saved_tensors
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _ops.unpermute(grad_out, position, weights)
+        if ctx.has_weights and ctx.needs_input_grad[2]:
+            grad_w = _ops.unpermute_weight_grad(x, grad_out, position).to(ctx.weights_dtype)
+        return grad_x, None, grad_w
 
 
 torch.library.register_autograd("moefast::permute", _permute_backward, setup_context=_permute_setup)
@@ -508,13 +541,14 @@ def _unpermute_setup(ctx, inputs, output):
 
 
 def _unpermute_backward(ctx, grad_out):
-    y, position, weights = ctx.saved_tensors
-    grad_y = grad_w = None
-    if ctx.needs_input_grad[0]:
-        grad_y = _ops.permute(grad_out, position, weights)
-    if ctx.has_weights and ctx.needs_input_grad[2]:
-        grad_w = _ops.unpermute_weight_grad(grad_out, y, position).to(ctx.weights_dtype)
-    return grad_y, None, grad_w
+    with _range("unpermute.backward"):
+        y, position, weights = ctx.saved_tensors
+        grad_y = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_y = _ops.permute(grad_out, position, weights)
+        if ctx.has_weights and ctx.needs_input_grad[2]:
+            grad_w = _ops.unpermute_weight_grad(grad_out, y, position).to(ctx.weights_dtype)
+        return grad_y, None, grad_w
 
 
 torch.library.register_autograd(
@@ -528,15 +562,16 @@ def _grouped_mm_setup(ctx, inputs, output):
 
 
 def _grouped_mm_backward(ctx, grad_out):
-    a, b, offs = ctx.saved_tensors
-    grad_a = grad_b = grad_bias = None
-    if ctx.needs_input_grad[0]:
-        grad_a = _ops.grouped_mm(grad_out, b.transpose(1, 2), offs)
-    if ctx.needs_input_grad[1]:
-        grad_b = _ops.grouped_mm_weight_grad(a, grad_out, offs)
-    if len(ctx.needs_input_grad) > 3 and ctx.needs_input_grad[3]:
-        grad_bias = _ops.grouped_bias_grad(grad_out, offs)
-    return grad_a, grad_b, None, grad_bias
+    with _range("grouped_mm.backward"):
+        a, b, offs = ctx.saved_tensors
+        grad_a = grad_b = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_a = _ops.grouped_mm(grad_out, b.transpose(1, 2), offs)
+        if ctx.needs_input_grad[1]:
+            grad_b = _ops.grouped_mm_weight_grad(a, grad_out, offs)
+        if len(ctx.needs_input_grad) > 3 and ctx.needs_input_grad[3]:
+            grad_bias = _ops.grouped_bias_grad(grad_out, offs)
+        return grad_a, grad_b, None, grad_bias
 
 
 torch.library.register_autograd(
@@ -550,12 +585,13 @@ def _mixture_setup(ctx, inputs, output):
 
 
 def _mixture_backward(ctx, grad_out):
-    gate_logits, expert_out = ctx.saved_tensors
-    grad_gate, grad_expert = _ops.mixture_backward(grad_out, gate_logits, expert_out)
-    return (
-        grad_gate if ctx.needs_input_grad[0] else None,
-        grad_expert if ctx.needs_input_grad[1] else None,
-    )
+    with _range("mixture.backward"):
+        gate_logits, expert_out = ctx.saved_tensors
+        grad_gate, grad_expert = _ops.mixture_backward(grad_out, gate_logits, expert_out)
+        return (
+            grad_gate if ctx.needs_input_grad[0] else None,
+            grad_expert if ctx.needs_input_grad[1] else None,
+        )
 
 
 torch.library.register_autograd("moefast::mixture", _mixture_backward, setup_context=_mixture_setup)

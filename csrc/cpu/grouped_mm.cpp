@@ -97,10 +97,7 @@ at::Tensor grouped_mm_cpu(const at::Tensor& a, const at::Tensor& b, const at::Te
 at::Tensor grouped_bias_grad_cpu(const at::Tensor& grad_out, const at::Tensor& offs) {
   const KernelGuard guard;
   const char* op = "grouped_mm (bias gradient)";
-  check_dim(grad_out, 2, op, "grad_out", "[N, M]");
-  check_floating(grad_out, op, "grad_out");
-  check_dim(offs, 1, op, "offs", "[E]");
-  check_same_device(grad_out, offs, op, "grad_out", "offs");
+  check_bias_grad_args(grad_out, offs);
   const int64_t E = offs.size(0);
   check_offs(offs, E, grad_out.size(0), op);
   at::Tensor grad_bias = new_output({E, grad_out.size(1)}, grad_out.options());

@@ -9,21 +9,6 @@
 namespace moefast {
 namespace {
 
-void check_mixture_args(const at::Tensor& gate, const at::Tensor& expert_out, const char* op) {
-  check_dim(gate, 2, op, "gate_logits", "[B, E]");
-  check_dim(expert_out, 3, op, "expert_out", "[E, B, C]");
-  check_floating(gate, op, "gate_logits");
-  TORCH_CHECK_TYPE(gate.scalar_type() == expert_out.scalar_type(), "moefast.", op,
-                   ": gate_logits and expert_out must share a dtype, got ", gate.scalar_type(),
-                   " and ", expert_out.scalar_type());
-  check_same_device(gate, expert_out, op, "gate_logits", "expert_out");
-  TORCH_CHECK_VALUE(gate.size(1) >= 1, "moefast.", op,
-                    ": gate_logits needs at least one expert column, got shape ", gate.sizes());
-  TORCH_CHECK_VALUE(expert_out.size(0) == gate.size(1) && expert_out.size(1) == gate.size(0),
-                    "moefast.", op, ": expert_out must be [E, B, C] with E, B = ", gate.size(1),
-                    ", ", gate.size(0), " from gate_logits [B, E], got ", expert_out.sizes());
-}
-
 at::Tensor mixture_cpu(const at::Tensor& gate_in, const at::Tensor& expert_out_in) {
   const KernelGuard guard;
   check_mixture_args(gate_in, expert_out_in, "mixture");
@@ -46,11 +31,7 @@ std::tuple<at::Tensor, at::Tensor> mixture_backward_cpu(const at::Tensor& grad_o
                                                         const at::Tensor& gate_in,
                                                         const at::Tensor& expert_out_in) {
   const KernelGuard guard;
-  const char* op = "mixture (backward)";
-  check_mixture_args(gate_in, expert_out_in, op);
-  TORCH_CHECK_VALUE(grad_out_in.dim() == 2 && grad_out_in.size(0) == gate_in.size(0) &&
-                        grad_out_in.size(1) == expert_out_in.size(2),
-                    "moefast.", op, ": grad_out must be [B, C], got ", grad_out_in.sizes());
+  check_mixture_backward_args(grad_out_in, gate_in, expert_out_in);
   const at::Tensor gate = gate_in.contiguous();
   const at::Tensor eo = expert_out_in.contiguous();
   const at::Tensor grad_out = grad_out_in.to(eo.scalar_type()).contiguous();

@@ -26,12 +26,7 @@ at::Tensor permute_cpu(const at::Tensor& x_in, const at::Tensor& position_in,
                        const c10::optional<at::Tensor>& weights) {
   const KernelGuard guard;
   const char* op = "permute";
-  check_dim(x_in, 2, op, "x", "[T, d]");
-  check_floating(x_in, op, "x");
-  check_position(position_in, op);
-  check_same_device(x_in, position_in, op, "x", "position");
-  TORCH_CHECK_VALUE(x_in.size(0) == position_in.size(0), "moefast.permute: x has ", x_in.size(0),
-                    " rows but the routing has T = ", position_in.size(0), " tokens");
+  check_permute_args(x_in, position_in);
   const at::Tensor x = x_in.contiguous();
   const at::Tensor position = position_in.contiguous();
   check_position_values(position, op);
@@ -54,13 +49,7 @@ at::Tensor unpermute_cpu(const at::Tensor& y_in, const at::Tensor& position_in,
                          const c10::optional<at::Tensor>& weights) {
   const KernelGuard guard;
   const char* op = "unpermute";
-  check_dim(y_in, 2, op, "y", "[T * k, d]");
-  check_floating(y_in, op, "y");
-  check_position(position_in, op);
-  check_same_device(y_in, position_in, op, "y", "position");
-  TORCH_CHECK_VALUE(y_in.size(0) == position_in.numel(),
-                    "moefast.unpermute: y must have T * k = ", position_in.numel(), " rows, got ",
-                    y_in.size(0));
+  check_unpermute_args(y_in, position_in);
   const at::Tensor y = y_in.contiguous();
   const at::Tensor position = position_in.contiguous();
   check_position_values(position, op);
@@ -83,19 +72,7 @@ at::Tensor unpermute_weight_grad_cpu(const at::Tensor& grad_out_in, const at::Te
                                      const at::Tensor& position_in) {
   const KernelGuard guard;
   const char* op = "unpermute (weight gradient)";
-  check_dim(grad_out_in, 2, op, "grad_out", "[T, d]");
-  check_dim(y_in, 2, op, "y", "[T * k, d]");
-  check_position(position_in, op);
-  check_floating(y_in, op, "y");
-  TORCH_CHECK_TYPE(grad_out_in.scalar_type() == y_in.scalar_type(), "moefast.", op,
-                   ": grad_out and y must share a dtype, got ", grad_out_in.scalar_type(), " and ",
-                   y_in.scalar_type());
-  TORCH_CHECK_VALUE(y_in.size(0) == position_in.numel() &&
-                        grad_out_in.size(0) == position_in.size(0) &&
-                        grad_out_in.size(1) == y_in.size(1),
-                    "moefast.", op,
-                    ": expected grad_out [T, d] and y [T * k, d] with T, k = ", position_in.sizes(),
-                    ", got ", grad_out_in.sizes(), " and ", y_in.sizes());
+  check_weight_grad_args(grad_out_in, y_in, position_in);
   const at::Tensor grad_out = grad_out_in.contiguous();
   const at::Tensor y = y_in.contiguous();
   const at::Tensor position = position_in.contiguous();

@@ -10,13 +10,7 @@ namespace {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> routing_plan_cpu(
     const at::Tensor& ids_in, int64_t num_experts) {
   const KernelGuard guard;
-  const char* op = "routing_plan";
-  check_dim(ids_in, 2, op, "expert_ids", "[T, k]");
-  check_int32(ids_in, op, "expert_ids");
-  TORCH_CHECK_VALUE(num_experts >= 1 && num_experts < (int64_t{1} << 31),
-                    "moefast.routing_plan: num_experts must be in [1, 2^31), got ", num_experts);
-  TORCH_CHECK_VALUE(ids_in.numel() < (int64_t{1} << 31),
-                    "moefast.routing_plan: T * k must fit in int32, got ", ids_in.numel());
+  check_plan_args(ids_in, num_experts);
   const at::Tensor ids = ids_in.contiguous();
   const auto opts = ids.options().dtype(at::kInt);
   const int64_t n = ids.numel();

@@ -9,23 +9,6 @@
 namespace moefast {
 namespace {
 
-void check_router_args(const at::Tensor& logits, int64_t k, RouterMode mode, const char* op) {
-  check_dim(logits, 2, op, "logits", "[T, E]");
-  check_floating(logits, op, "logits");
-  const int64_t E = logits.size(1);
-  TORCH_CHECK_VALUE(E >= 1, "moefast.", op,
-                    ": logits must have at least one expert column, got "
-                    "shape ",
-                    logits.sizes());
-  TORCH_CHECK_VALUE(k >= 1 && k <= E, "moefast.", op, ": k must be in [1, E] = [1, ", E,
-                    "], got k=", k);
-  TORCH_CHECK_VALUE(mode != RouterMode::kHard || k == 1, "moefast.", op,
-                    ": mode 'hard' needs k == 1, got k=", k);
-  TORCH_CHECK_VALUE(mode != RouterMode::kDense || k == E, "moefast.", op,
-                    ": mode 'dense' needs k == E == ", E, ", got k=", k);
-  TORCH_CHECK_VALUE(E < (int64_t{1} << 31), "moefast.", op, ": E must fit in int32");
-}
-
 std::tuple<at::Tensor, at::Tensor> router_cpu(const at::Tensor& logits_in, int64_t k,
                                               c10::string_view mode_str, bool normalize) {
   const KernelGuard guard;
@@ -51,19 +34,18 @@ at::Tensor router_backward_cpu(const at::Tensor& grad_weights_in, const at::Tens
                                bool normalize) {
   const KernelGuard guard;
   const RouterMode mode = parse_router_mode(std::string(mode_str));
-  const int64_t k = ids_in.dim() == 2 ? ids_in.size(1) : 0;
-  check_router_args(logits_in, k, mode, "route (backward)");
-  check_int32(ids_in, "route (backward)", "expert_ids");
-  TORCH_CHECK_VALUE(ids_in.dim() == 2 && ids_in.size(0) == logits_in.size(0),
-                    "moefast.route "
-                    "(backward): expert_ids must be [T, k] with T = ",
-                    logits_in.size(0), ", got ", ids_in.sizes());
-  TORCH_CHECK_VALUE(grad_weights_in.sizes() == ids_in.sizes(),
-                    "moefast.route (backward): "
-                    "grad_weights must be [T, k] = ",
-                    ids_in.sizes(), ", got ", grad_weights_in.sizes());
+  const int64_t k = check_router_backward_args(grad_weights_in, logits_in, ids_in, mode);
   const at::Tensor logits = logits_in.contiguous();
   const at::Tensor ids = ids_in.contiguous();
+  // The ids index the logits row: out-of-range ones would read and write out of bounds.
+  if (ids.numel() > 0) {
+    const auto [lo, hi] = at::aminmax(ids);
+    const int64_t lo_v = lo.item<int64_t>();
+    const int64_t hi_v = hi.item<int64_t>();
+    TORCH_CHECK_VALUE(lo_v >= 0 && hi_v < logits.size(1), "moefast.route (backward): expert_ids ",
+                      "must be in [0, E) = [0, ", logits.size(1), "), got values in [", lo_v, ", ",
+                      hi_v, "]");
+  }
   const at::Tensor grad_weights = grad_weights_in.to(logits.scalar_type()).contiguous();
   const int64_t T = logits.size(0);
   const int64_t E = logits.size(1);

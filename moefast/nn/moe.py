@@ -151,7 +151,7 @@ class MoE(nn.Module):
                 f"got shape {tuple(x.shape)}"
             )
         param_dtype = self.router.weight.dtype
-        if x.dtype != param_dtype and not torch.is_autocast_enabled(x.device.type):
+        if x.dtype != param_dtype and not ops._autocast_enabled(x.device):
             raise TypeError(
                 f"MoE: x is {x.dtype} but the layer's parameters are {param_dtype}; convert one "
                 "of them, or run under torch.autocast"
