@@ -40,6 +40,8 @@ def _extensions():
     if _want_cuda() and cuda_sources:
         define_macros.append(("MOEFAST_WITH_CUDA", None))
         nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
+        if os.environ.get("MOEFAST_PTXAS_VERBOSE") == "1":
+            nvcc_flags.append("-Xptxas=-v")  # register and spill report, checked by CI
         return [
             CUDAExtension(
                 "moefast._C",
