@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import inspect
 import itertools
-import math
 from collections import OrderedDict
 
 import torch
@@ -165,37 +164,10 @@ class ExpertParallelMoE(MoE):
 
     # ------------------------------------------------------------------------- forward
 
-    def forward(self, x: Tensor) -> Tensor:
-        if x.shape[-1] != self.d_model:
-            raise ValueError(
-                f"ExpertParallelMoE: the last dimension of x must be d_model = {self.d_model}, "
-                f"got shape {tuple(x.shape)}"
-            )
-        param_dtype = self.router.weight.dtype
-        if x.dtype != param_dtype and not torch.is_autocast_enabled(x.device.type):
-            raise TypeError(
-                f"ExpertParallelMoE: x is {x.dtype} but the layer's parameters are "
-                f"{param_dtype}; convert one of them, or run under torch.autocast"
-            )
-        tokens = x.reshape(-1, self.d_model)
-        logits = self.router(tokens)
-        chosen = ops.route(logits, self.k, mode=self.mode, normalize=self.normalize)
-        routing = chosen
-        if self.capacity_factor is not None:
-            capacity = math.ceil(self.capacity_factor * tokens.shape[0] * self.k / self.num_experts)
-            routing = ops.apply_capacity(chosen, capacity)
-        xs, plan = ep_dist.dispatch(
-            ops.permute(tokens, routing), routing.counts, self.process_group
-        )
-        h = self.w1(xs, plan.local.offs)
-        y = self.w2(self._act(h), plan.local.offs)
-        out = ops.unpermute(ep_dist.combine(y, plan), routing)
-        aux = ops.load_balancing_loss(logits, chosen)
-        if self.z_loss_coef:
-            aux = aux + self.z_loss_coef * ops.z_loss(logits)
-        self.aux_loss = aux
-        self.last_routing = routing
-        return out.reshape(x.shape)
+    def _expert_outputs(self, xs: Tensor, routing: ops.Routing) -> Tensor:
+        # Rows go to the ranks of their experts, through the local experts, and back.
+        received, plan = ep_dist.dispatch(xs, routing.counts, self.process_group)
+        return ep_dist.combine(self._experts(received, plan.local.offs), plan)
 
     def extra_repr(self) -> str:
         end = self.expert_begin + self.num_local_experts

@@ -144,17 +144,26 @@ class MoE(nn.Module):
         gate, up = h.chunk(2, dim=-1)
         return F.silu(gate) * up
 
+    def _experts(self, xs: Tensor, offs: Tensor) -> Tensor:
+        """The experts' MLPs on rows grouped by expert (``offs``: cumulative row ends)."""
+        return self.w2(self._act(self.w1(xs, offs)), offs)
+
+    def _expert_outputs(self, xs: Tensor, routing: ops.Routing) -> Tensor:
+        """Expert outputs of the permuted rows ``xs``; expert parallelism overrides this step."""
+        return self._experts(xs, routing.offs)
+
     def forward(self, x: Tensor) -> Tensor:
+        name = type(self).__name__
         if x.shape[-1] != self.d_model:
             raise ValueError(
-                f"MoE: the last dimension of x must be d_model = {self.d_model}, "
+                f"{name}: the last dimension of x must be d_model = {self.d_model}, "
                 f"got shape {tuple(x.shape)}"
             )
         param_dtype = self.router.weight.dtype
         if x.dtype != param_dtype and not ops._autocast_enabled(x.device):
             raise TypeError(
-                f"MoE: x is {x.dtype} but the layer's parameters are {param_dtype}; convert one "
-                "of them, or run under torch.autocast"
+                f"{name}: x is {x.dtype} but the layer's parameters are {param_dtype}; convert "
+                "one of them, or run under torch.autocast"
             )
         tokens = x.reshape(-1, self.d_model)
         logits = self.router(tokens)
@@ -163,8 +172,7 @@ class MoE(nn.Module):
         if self.capacity_factor is not None:
             capacity = math.ceil(self.capacity_factor * tokens.shape[0] * self.k / self.num_experts)
             routing = ops.apply_capacity(chosen, capacity)
-        h = self.w1(ops.permute(tokens, routing), routing.offs)
-        y = self.w2(self._act(h), routing.offs)
+        y = self._expert_outputs(ops.permute(tokens, routing), routing)
         out = ops.unpermute(y, routing)
         aux = ops.load_balancing_loss(logits, chosen)
         if self.z_loss_coef:
