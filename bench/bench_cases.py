@@ -24,31 +24,18 @@ import torch
 from torch import Tensor
 
 import moefast
+from moefast.bench.cases import (  # noqa: F401  (shared with python -m moefast.bench)
+    DTYPES,
+    ROUTINGS,
+    ZIPF_EXPONENT,
+    MixtureShape,
+    MoeShape,
+    expert_ids,
+    randn,
+    zipf_probabilities,
+)
 
 VARIANTS_ORDER = ("moefast", "reference", "loop", "torch_grouped_mm", "limit")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-ROUTINGS = ("uniform", "zipf")
-ZIPF_EXPONENT = 1.2
-
-
-@dataclass(frozen=True)
-class MoeShape:
-    """One MoE layer size: ``T`` tokens of width ``d``, ``E`` experts of hidden width ``h``, top-``k``."""
-
-    name: str
-    T: int
-    d: int
-    h: int
-    E: int
-    k: int
-
-    @property
-    def label(self) -> str:
-        return f"T{self.T} d{self.d} h{self.h} E{self.E} k{self.k}"
-
-    @property
-    def info(self) -> dict:
-        return {"T": self.T, "d": self.d, "h": self.h, "E": self.E, "k": self.k}
 
 
 # A Mixtral-like layer (few wide experts, top-2) and a fine-grained one (many narrow experts, top-8),
@@ -57,24 +44,6 @@ SHAPES = {
     "E8k2": MoeShape("E8k2", T=1024, d=512, h=1024, E=8, k=2),
     "E64k8": MoeShape("E64k8", T=512, d=256, h=128, E=64, k=8),
 }
-
-
-@dataclass(frozen=True)
-class MixtureShape:
-    """The adaptive-fusion combine: ``B`` examples, ``E`` models, ``C`` outputs each."""
-
-    name: str
-    B: int
-    E: int
-    C: int
-
-    @property
-    def label(self) -> str:
-        return f"B{self.B} E{self.E} C{self.C}"
-
-    @property
-    def info(self) -> dict:
-        return {"B": self.B, "E": self.E, "C": self.C}
 
 
 MIXTURE_SHAPES = {
@@ -97,29 +66,6 @@ def params(*axes, variants=VARIANTS_ORDER):
 
 
 # ----------------------------------------------------------------------------- inputs
-
-
-def expert_ids(shape: MoeShape, routing: str, seed: int = 0) -> Tensor:
-    """``[T, k]`` int32 distinct experts per token: uniform, or Zipf-skewed towards low indices."""
-    gen = torch.Generator().manual_seed(seed)
-    if routing == "uniform":
-        p = torch.ones(shape.E)
-    elif routing == "zipf":
-        p = zipf_probabilities(shape.E)
-    else:
-        raise ValueError(f"unknown routing {routing!r}")
-    ids = torch.multinomial(p.expand(shape.T, shape.E), shape.k, replacement=False, generator=gen)
-    return ids.to(torch.int32)
-
-
-def zipf_probabilities(E: int) -> Tensor:
-    p = 1.0 / torch.arange(1, E + 1, dtype=torch.float64) ** ZIPF_EXPONENT
-    return (p / p.sum()).float()
-
-
-def randn(*size, dtype, scale=1.0, seed=0) -> Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    return (torch.randn(*size, generator=gen) * scale).to(dtype)
 
 
 @dataclass

@@ -13,8 +13,14 @@ import functools
 
 import pytest
 import torch
-import torch.nn.functional as F
-from bench_baselines import loop_moe, torch_grouped_mm_unavailable, torch_moe
+from bench_baselines import (
+    dense_moe_limit,
+    loop_moe,
+    moefast_moe,
+    reference_moe,
+    torch_grouped_mm_unavailable,
+    torch_moe,
+)
 from bench_cases import (
     DTYPES,
     ROUTINGS,
@@ -28,38 +34,12 @@ from bench_cases import (
     zipf_probabilities,
 )
 
-import moefast
-from moefast import reference
-
-
-def moefast_moe(x, router_weight, router_bias, w1, w2, k):
-    r = moefast.route(x.float() @ router_weight + router_bias, k)
-    h = moefast.permute(x, r)
-    h = F.gelu(moefast.grouped_mm(h, w1, r.offs))
-    h = moefast.grouped_mm(h, w2, r.offs)
-    return moefast.unpermute(h, r, r.weights.to(x.dtype))
-
-
-def reference_moe(x, router_weight, router_bias, w1, w2, k):
-    weights, ids = reference.route(x.float() @ router_weight + router_bias, k)
-    _counts, offs, position, _order = reference.routing_plan(ids, w1.shape[0])
-    h = reference.permute(x, position)
-    h = F.gelu(reference.grouped_mm(h, w1, offs))
-    h = reference.grouped_mm(h, w2, offs)
-    return reference.unpermute(h, position, weights.to(x.dtype))
-
-
-def dense_limit(x, router_weight, router_bias, w1, w2, k):
-    h = F.gelu(x.repeat_interleave(k, dim=0) @ w1[0]) @ w2[0]
-    return h.view(x.shape[0], k, x.shape[1]).sum(dim=1)
-
-
 MOE_FNS = {
     "moefast": moefast_moe,
     "reference": reference_moe,
     "loop": loop_moe,
     "torch_grouped_mm": torch_moe,
-    "limit": dense_limit,
+    "limit": dense_moe_limit,
 }
 
 
