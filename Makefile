@@ -22,7 +22,11 @@ $(PY):
 $(STAMP): $(PY) setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.h csrc/include/*/*.h)
 	$(PIP) install --quiet "$(TORCH)"
 	$(PIP) install --quiet setuptools wheel ninja pybind11 numpy
-	MAX_JOBS=$(JOBS) $(PIP) install --quiet --no-build-isolation -e ".[test,demo,dev,transformers]"
+	MAX_JOBS=$(JOBS) $(PIP) install --quiet --no-build-isolation -e ".[test,demo,dev,transformers,research]"
+	$(PIP) install --quiet --no-deps cifar-10-model
+	@# Fashion-MNIST ships in a Debian package; without root or apt-get the tests that need it skip.
+	-@if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && ! dpkg -s dataset-fashion-mnist >/dev/null 2>&1; then \
+		(apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null 2>&1 || echo "dataset-fashion-mnist not installed: its tests will skip"; fi
 	@touch $@
 
 demo: $(STAMP)

@@ -1,0 +1,123 @@
+"""Markdown tables and the gate-weights plot from a results dictionary (see ``experiment``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+METHOD_ROWS = (
+    ("best_single", "best single representation (picked on validation)"),
+    ("concatenation", "feature concatenation"),
+    ("uniform_average", "uniform average of the experts, prob"),
+    ("uniform_average_logit", "uniform average of the experts, logit"),
+    ("static_weights", "learned input-independent weights, prob"),
+    ("static_weights_logit", "learned input-independent weights, logit"),
+    ("adaptive_fusion", "**adaptive fusion (thumbnail gate), prob**"),
+    ("adaptive_fusion_logit", "adaptive fusion (thumbnail gate), logit"),
+    ("label_embedding_best_single", "label embedding: best single"),
+    ("label_embedding_uniform", "label embedding: uniform average"),
+    ("label_embedding_adaptive", "label embedding: adaptive fusion"),
+    ("oracle_any_single", "oracle: at least one single expert right (bound)"),
+)
+
+
+def _pct(entry) -> str:
+    if entry is None:
+        return "–"
+    return f"{100 * entry['accuracy']:.2f} ± {100 * entry['std']:.2f}"
+
+
+def accuracy_table(results: dict) -> str:
+    ds = list(results["datasets"])
+    lines = ["| method | " + " | ".join(ds) + " |", "|---|" + "---:|" * len(ds)]
+    singles = []
+    for d in ds:
+        for k in results["datasets"][d]["methods"]:
+            if k.startswith("single:") and k not in singles:
+                singles.append(k)
+    rows = [(k, f"single: {k.split(':', 1)[1]}") for k in singles] + list(METHOD_ROWS)
+    for key, label in rows:
+        cells = [_pct(results["datasets"][d]["methods"].get(key)) for d in ds]
+        if all(c == "–" for c in cells):
+            continue
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def agreement_table(res: dict) -> str:
+    st = res["study"]
+    names = [e["name"] for e in res["experts"]]
+    lines = [
+        "| pair | agree | at least one right |",
+        "|---|---:|---:|",
+    ]
+    for k, v in st["agreement"].items():
+        lines.append(
+            f"| {k.replace(' | ', ' vs ')} | {100 * v:.2f} | {100 * st['either_right'][k]:.2f} |"
+        )
+    lines.append(
+        f"| all {len(names)} experts | – | {100 * st['any_right']:.2f} (all right: "
+        f"{100 * st['all_right']:.2f}) |"
+    )
+    return "\n".join(lines)
+
+
+def claims(results: dict) -> list[str]:
+    out = []
+    for d, res in results["datasets"].items():
+        m = res["methods"]
+        a = m["adaptive_fusion"]
+        for base in ("best_single", "uniform_average", "static_weights", "concatenation"):
+            b = m[base]
+            wins = sum(x > y for x, y in zip(a["per_seed"], b["per_seed"], strict=True))
+            out.append(
+                f"{d}: adaptive_fusion {100 * a['accuracy']:.2f} vs {base} "
+                f"{100 * b['accuracy']:.2f}: {'beats' if a['accuracy'] > b['accuracy'] else 'does NOT beat'}"
+                f" (higher on {wins}/{len(a['per_seed'])} seeds)"
+            )
+    return out
+
+
+def markdown(results: dict) -> str:
+    parts = ["### Held-out accuracy (%), mean ± std over seeds", "", accuracy_table(results), ""]
+    for d, res in results["datasets"].items():
+        parts += [f"### Motivation study: {d} (test split, mean over seeds)", ""]
+        parts += [
+            "| expert | pretrained on | accuracy |",
+            "|---|---|---:|",
+        ]
+        for e in res["experts"]:
+            acc = res["study"]["accuracy"][e["name"]]
+            parts.append(f"| {e['name']} | {e['source']} | {100 * acc:.2f} |")
+        parts += ["", agreement_table(res), ""]
+    parts += ["### Claims", ""] + [f"- {c}" for c in claims(results)]
+    return "\n".join(parts) + "\n"
+
+
+def plot_gate(results: dict, path: str | Path, mix: str = "prob") -> None:
+    """Mean gate weight of each expert by true class, one panel per data set."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    ds = [d for d in results["datasets"] if mix in results["datasets"][d]["gate_by_class"]]
+    fig, axes = plt.subplots(1, len(ds), figsize=(6 * len(ds), 4.2), squeeze=False)
+    for ax, d in zip(axes[0], ds, strict=True):
+        res = results["datasets"][d]
+        w = np.array(res["gate_by_class"][mix])  # [C, E]
+        names = [e["name"] for e in res["experts"]]
+        bottom = np.zeros(w.shape[0])
+        for e, n in enumerate(names):
+            ax.bar(range(w.shape[0]), w[:, e], bottom=bottom, label=n)
+            bottom += w[:, e]
+        ax.set_xticks(range(w.shape[0]))
+        ax.set_xticklabels(res["class_names"], rotation=45, ha="right", fontsize=8)
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("mean gate weight (test split)")
+        ax.set_title(f"{d}: gate weights by class ({mix} mixing)")
+        ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
