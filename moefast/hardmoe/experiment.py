@@ -1,0 +1,379 @@
+"""The end-to-end experiment behind ``python -m moefast.hardmoe``.
+
+1. Build the multilabel task (:mod:`moefast.hardmoe.data`) and train the CNN trunk on it; the
+   trunk with its own head is the baseline.
+2. Cache the trunk's features. For each number of experts ``E`` (and seed): fit the gater on the
+   training features, write the work directory, train every expert on its cluster only (in this
+   process or with ``torchrun``, one process per worker), stack the checkpoints into a
+   :class:`~moefast.hardmoe.model.HardMoE` and score the held-out set. ``E = 1`` is the single
+   expert of the same per-example cost: the trunk's upper layers fine-tuned on all the data with
+   the same recipe.
+3. Ablations at one ``E``: hash instead of k-means, balanced k-means, per-expert decoders.
+4. Optionally the timing of expert training on 1 worker and on ``N`` workers.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .data import build_task, make_composites
+from .metrics import evaluate
+from .model import ClusterGater, GroupedExperts, HardMoE, Trunk
+from .train import (
+    assemble_experts,
+    extract_features,
+    missing_experts,
+    predict,
+    train_experts_worker,
+    train_trunk,
+    write_prep,
+)
+
+METRICS = ("precision_at_1", "precision_at_k", "mAP")
+
+
+def _log(msg: str) -> None:
+    print(f"[hardmoe] {msg}", file=sys.stderr, flush=True)
+
+
+def launch_workers(work: Path, workers: int, threads: int, progress: bool) -> float:
+    """Trains the missing experts of ``work`` with ``torchrun --nproc-per-node workers``;
+    returns the wall-clock seconds of the whole launch."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={workers}",
+        "-m",
+        "moefast.hardmoe.worker",
+        str(work),
+    ]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    if not progress:
+        cmd.append("--no-progress")
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads or 1))
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - t0
+
+
+class Experiment:
+    def __init__(self, args) -> None:
+        self.args = args
+        self.work = Path(args.work)
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.progress = not args.no_progress
+        self.cache: dict[str, dict] = {}
+
+    # ------------------------------------------------------------------ trunk and features
+
+    def setup(self) -> dict:
+        a = self.args
+        torch.manual_seed(a.seed)
+        t0 = time.perf_counter()
+        self.train, self.test, base = build_task(
+            a.source, a.n_train, a.n_test, label_drop=a.label_drop, seed=a.seed
+        )
+        self.num_labels = self.train.y.shape[1]
+        self.data_info = {
+            "source": base.name,
+            "classes": list(base.class_names),
+            "train_composites": int(self.train.y.shape[0]),
+            "test_composites": int(self.test.y.shape[0]),
+            "image_size": list(self.train.x.shape[1:]),
+            "tiles_per_image": [2, 4],
+            "label_drop_train": a.label_drop,
+            "mean_labels_test": float(self.test.y_clean.sum(1).mean()),
+        }
+        _log(f"data: {self.data_info}")
+        trunk = Trunk(self.num_labels, width=a.width, hidden=a.hidden, embed=a.embed)
+        path = self.work / "trunk.pt"
+        if a.resume and path.exists():
+            trunk.load_state_dict(torch.load(path, weights_only=True))
+            _log(f"trunk loaded from {path}")
+        else:
+            train_trunk(
+                trunk,
+                self.train.x,
+                self.train.y,
+                epochs=a.trunk_epochs,
+                lr=a.trunk_lr,
+                seed=a.seed,
+                progress=self.progress,
+            )
+            torch.save(trunk.state_dict(), path)
+        self.trunk = trunk.eval()
+        self.trunk_seconds = time.perf_counter() - t0
+        self.f_tr = extract_features(trunk, self.train.x)
+        self.y_tr = self.train.y
+        self.f_te = extract_features(trunk, self.test.x)
+        extra = a.n_expert_train - self.f_tr.shape[0]
+        if extra > 0:
+            # More weakly labelled composites for the gater and the experts, tiled afresh from
+            # the training base images (the trunk never saw them); features in chunks.
+            feats, ys = [self.f_tr], [self.y_tr]
+            for j, start in enumerate(range(0, extra, 10000)):
+                more = make_composites(
+                    base.x_train,
+                    base.y_train,
+                    min(10000, extra - start),
+                    self.num_labels,
+                    label_drop=a.label_drop,
+                    seed=a.seed + 1000 + j,
+                )
+                feats.append(extract_features(trunk, more.x))
+                ys.append(more.y)
+            self.f_tr, self.y_tr = torch.cat(feats), torch.cat(ys)
+        self.data_info["expert_train_composites"] = int(self.f_tr.shape[0])
+        scores = predict(trunk, self.test.x)
+        baseline = evaluate(scores, self.test.y_clean, a.k)
+        baseline["expert_macs_per_example"] = GroupedExperts.macs_per_example(trunk.dims)
+        _log(f"baseline (trunk + own head): {baseline}")
+        return baseline
+
+    # ------------------------------------------------------------------ one hard MoE
+
+    def moe_run(
+        self,
+        E: int,
+        *,
+        gater: str = "kmeans",
+        decoder: str = "shared",
+        seed: int = 0,
+        workers: int = 0,
+        threads: int = 0,
+        tag: str | None = None,
+        fresh: bool = False,
+    ) -> dict:
+        a = self.args
+        tag = tag or f"E{E}_{gater}_{decoder}_s{seed}" + (
+            "_steps" if a.expert_budget == "steps" else ""
+        )
+        if tag in self.cache and not fresh:
+            return self.cache[tag]
+        work = self.work / tag
+        if (fresh or not a.resume) and work.exists():
+            shutil.rmtree(work)  # never mix checkpoints of an earlier run into this one
+        trunk = self.trunk
+        linears = [trunk.upper[0], trunk.upper[2]]
+        if decoder == "per_expert":
+            linears.append(trunk.head)
+            shared = None
+        else:
+            shared = copy.deepcopy(trunk.head).requires_grad_(False)
+        g = ClusterGater(E, self.f_tr.shape[1], method=gater, balance=a.balance, seed=seed)
+        t0 = time.perf_counter()
+        if a.resume and (work / "prep.pt").exists() and (work / "gater.pt").exists():
+            g.load_state_dict(torch.load(work / "gater.pt", weights_only=True))
+            ids = torch.load(work / "prep.pt", weights_only=True)["assignment"]
+        else:
+            ids = g.fit(self.f_tr)
+            write_prep(
+                work,
+                features=self.f_tr,
+                targets=self.y_tr,
+                assignment=ids,
+                num_experts=E,
+                init_expert=GroupedExperts.from_linears(1, linears),
+                decoder=shared,
+                epochs=a.expert_epochs,
+                lr=a.expert_lr,
+                seed=seed,
+                max_steps=self.max_steps(),
+            )
+            torch.save(g.state_dict(), work / "gater.pt")
+        gater_seconds = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        if missing_experts(work):
+            if workers <= 1 and not threads:
+                # Expert layers are small: one thread per expert-trainer is the fastest on a
+                # shared CPU (and what each torchrun worker uses in the timing runs).
+                previous = torch.get_num_threads()
+                torch.set_num_threads(1)
+                try:
+                    train_experts_worker(work, 0, 1, progress=self.progress)
+                finally:
+                    torch.set_num_threads(previous)
+            else:
+                launch_workers(work, max(workers, 1), threads, self.progress)
+        train_seconds = time.perf_counter() - t0
+        experts = assemble_experts(work)
+        moe = HardMoE(g.eval(), experts, shared).eval()
+        scores = predict(moe, self.f_te)
+        res = evaluate(scores, self.test.y_clean, a.k)
+        sizes = torch.bincount(ids, minlength=E)
+        test_sizes = torch.bincount(g(self.f_te), minlength=E)
+        res.update(
+            num_experts=E,
+            gater=gater,
+            decoder=decoder,
+            seed=seed,
+            train_cluster_min=int(sizes.min()),
+            train_cluster_max=int(sizes.max()),
+            test_cluster_min=int(test_sizes.min()),
+            test_cluster_max=int(test_sizes.max()),
+            gater_fit_seconds=gater_seconds,
+            expert_train_seconds=train_seconds,
+            expert_macs_per_example=GroupedExperts.macs_per_example(experts.dims),
+            gater_macs_per_example=0 if gater == "hash" else E * self.f_tr.shape[1],
+            infer_us_per_example=self.time_inference(moe),
+        )
+        self.cache[tag] = res
+        return res
+
+    def max_steps(self) -> int | None:
+        """With ``--expert-budget steps``: the steps of ``expert_epochs`` passes over all the
+        training data (what the single expert gets), allowed to every expert."""
+        a = self.args
+        if a.expert_budget != "steps":
+            return None
+        n_train = round(0.9 * self.f_tr.shape[0])
+        return a.expert_epochs * math.ceil(n_train / 128)
+
+    @torch.no_grad()
+    def time_inference(self, moe: nn.Module, reps: int = 5) -> float:
+        """Median wall time of the MoE part (gater + experts + decoder) per held-out example."""
+        x = self.f_te
+        moe(x)
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            moe(x)
+            times.append(time.perf_counter() - t0)
+        return 1e6 * statistics.median(times) / x.shape[0]
+
+    # ------------------------------------------------------------------ the whole study
+
+    def run(self) -> dict:
+        a = self.args
+        t_start = time.perf_counter()
+        out: dict = {
+            "command": "python -m moefast.hardmoe " + " ".join(a.argv),
+            "machine": {
+                "platform": platform.platform(),
+                "processor": platform.processor() or platform.machine(),
+                "cpu_count": os.cpu_count(),
+                "torch": torch.__version__,
+                "torch_threads": torch.get_num_threads(),
+                "note": "shared with other processes while measured",
+            },
+            "config": {k: v for k, v in vars(a).items() if k not in ("argv",)},
+        }
+        out["baseline"] = self.setup()
+        out["dataset"] = self.data_info
+        out["trunk_train_seconds"] = self.trunk_seconds
+
+        sweep = []
+        runs = [(E, s) for E in a.experts for s in a.seeds]
+        from tqdm.auto import tqdm
+
+        for E, s in tqdm(runs, desc="hard MoE sweep", unit="run", disable=not self.progress):
+            r = self.moe_run(E, gater=a.gater, seed=s)
+            _log(f"E={E} seed={s}: p@1={r['precision_at_1']:.4f} mAP={r['mAP']:.4f}")
+            sweep.append(r)
+        out["sweep"] = summarize(sweep)
+        out["sweep_runs"] = sweep
+        E_main = a.main_experts or max(a.experts)
+        by_e = {row["num_experts"]: row for row in out["sweep"]}
+        if 1 in by_e:
+            out["single_expert"] = by_e[1]
+        if E_main in by_e:
+            out["hard_moe"] = by_e[E_main]
+        out["num_experts"] = E_main
+
+        if a.ablations:
+            abl_runs = []
+            variants = [
+                ("kmeans", "shared"),
+                ("balanced", "shared"),
+                ("hash", "shared"),
+                ("kmeans", "per_expert"),
+            ]
+            jobs = [(g, d, s) for g, d in variants for s in a.seeds]
+            for g, d, s in tqdm(jobs, desc="ablations", unit="run", disable=not self.progress):
+                r = self.moe_run(E_main, gater=g, decoder=d, seed=s)
+                _log(f"ablation {g}/{d} seed={s}: p@1={r['precision_at_1']:.4f}")
+                abl_runs.append(r)
+            out["ablations"] = {
+                f"{row['gater']}+{row['decoder']}_decoder": row
+                for row in summarize(abl_runs, key=("gater", "decoder"))
+            }
+            out["ablation_runs"] = abl_runs
+
+        if a.timing:
+            out["timing"] = self.timing(E_main)
+        out["total_seconds"] = time.perf_counter() - t_start
+        return out
+
+    def timing(self, E: int) -> dict:
+        """Claim (c): the same experts trained by 1 worker and by ``N`` workers (1 thread each)."""
+        a = self.args
+        res = {"num_experts": E, "threads_per_worker": 1, "runs": []}
+        for workers in a.timing_workers:
+            for rep in range(a.timing_reps):
+                tag = f"timing_E{E}_w{workers}_r{rep}"
+                work = self.work / tag
+                if work.exists():
+                    shutil.rmtree(work)
+                r = self.moe_run(E, seed=0, workers=workers, threads=1, tag=tag, fresh=True)
+                ranks = [json.loads(p.read_text()) for p in sorted((work / "times").glob("*.json"))]
+                row = {
+                    "workers": workers,
+                    "rep": rep,
+                    "wall_seconds": r["expert_train_seconds"],
+                    "slowest_rank_train_seconds": max(x["seconds"] for x in ranks),
+                    "rank_train_seconds": [x["seconds"] for x in ranks],
+                    "precision_at_1": r["precision_at_1"],
+                }
+                _log(f"timing: {row}")
+                res["runs"].append(row)
+        base = [x for x in res["runs"] if x["workers"] == min(a.timing_workers)]
+        for w in a.timing_workers:
+            rows = [x for x in res["runs"] if x["workers"] == w]
+            for key in ("wall_seconds", "slowest_rank_train_seconds"):
+                m = statistics.median(x[key] for x in rows)
+                b = statistics.median(x[key] for x in base)
+                res[f"workers_{w}_{key}"] = m
+                res[f"workers_{w}_{key}_speedup"] = b / m
+        return res
+
+
+def summarize(rows: list[dict], key: tuple[str, ...] = ("num_experts",)) -> list[dict]:
+    """Mean (and standard deviation over seeds) of the metrics of runs sharing ``key``."""
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault(tuple(r[k] for k in key), []).append(r)
+    out = []
+    for _, rs in groups.items():
+        row = {k: rs[0][k] for k in key}
+        row.update(
+            {
+                k: rs[0][k]
+                for k in ("num_experts", "gater", "decoder", "k", "expert_macs_per_example")
+            }
+        )
+        row["gater_macs_per_example"] = rs[0]["gater_macs_per_example"]
+        row["seeds"] = [r["seed"] for r in rs]
+        for m in (*METRICS, "infer_us_per_example", "expert_train_seconds"):
+            vals = [r[m] for r in rs]
+            row[m] = statistics.fmean(vals)
+            row[m + "_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        row["train_cluster_min"] = min(r["train_cluster_min"] for r in rs)
+        row["train_cluster_max"] = max(r["train_cluster_max"] for r in rs)
+        out.append(row)
+    return out

@@ -1,0 +1,303 @@
+"""The modules of a hard mixture of experts (Gross, Ranzato, Szlam, CVPR 2017).
+
+- :class:`Trunk`: a small CNN (``lower``: convolutions, ``upper``: two linear layers, ``head``:
+  the label decoder) trained on the task first; its own head is the baseline.
+- :class:`ClusterGater`: assigns each example to exactly one expert from trunk features: k-means
+  (scikit-learn's ``KMeans``), balanced k-means (capacity-constrained assignment steps) or a hash.
+- :class:`GroupedExperts`: ``E`` experts, each a stack of linear layers, stored as
+  :class:`moefast.nn.GroupedLinear` layers so that all experts run as one grouped GEMM per layer.
+- :class:`HardMoE`: gater -> :func:`moefast.routing_from_ids` -> :func:`moefast.permute` ->
+  experts -> :func:`moefast.unpermute` -> one shared decoder, in one batched pass with no Python
+  loop over experts.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from .. import ops
+from ..nn import GroupedLinear
+
+GATERS = ("kmeans", "balanced", "hash")
+
+
+# ----------------------------------------------------------------------------- trunk
+
+
+class Trunk(nn.Module):
+    """CNN trunk: ``lower`` (3 strided convolutions, pooled to 4x4) -> ``upper`` (linear, ReLU,
+    linear to the label-embedding space) -> ``head`` (the decoder, embedding -> label logits)."""
+
+    def __init__(
+        self, num_labels: int, width: int = 16, hidden: int = 128, embed: int = 64
+    ) -> None:
+        super().__init__()
+        w = width
+        self.lower = nn.Sequential(
+            nn.Conv2d(1, w, 5, stride=2, padding=2),
+            nn.ReLU(),
+            nn.Conv2d(w, 2 * w, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(2 * w, 4 * w, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(4),
+            nn.Flatten(),
+        )
+        self.feature_dim = 4 * w * 16
+        self.dims = (self.feature_dim, hidden, embed)
+        self.upper = nn.Sequential(
+            nn.Linear(self.feature_dim, hidden), nn.ReLU(), nn.Linear(hidden, embed)
+        )
+        self.head = nn.Linear(embed, num_labels)
+
+    def features(self, x: Tensor) -> Tensor:
+        return self.lower(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.upper(self.lower(x)))
+
+
+# ----------------------------------------------------------------------------- experts
+
+
+class GroupedExperts(nn.Module):
+    """``E`` experts, each ``Linear -> ReLU -> ... -> Linear`` through ``dims``, as grouped layers.
+
+    ``forward(x [N, dims[0]], offs [E])`` applies expert ``e`` to rows ``offs[e-1]:offs[e]`` (the
+    layout of :func:`moefast.permute`); every layer is one :func:`moefast.grouped_mm` call.
+    """
+
+    def __init__(self, num_experts: int, dims: tuple[int, ...] | list[int]) -> None:
+        super().__init__()
+        if len(dims) < 2:
+            raise ValueError(f"GroupedExperts: dims needs at least 2 sizes, got {dims}")
+        self.num_experts = num_experts
+        self.dims = tuple(int(d) for d in dims)
+        self.layers = nn.ModuleList(
+            GroupedLinear(num_experts, a, b) for a, b in itertools.pairwise(self.dims)
+        )
+
+    def forward(self, x: Tensor, offs: Tensor) -> Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x, offs)
+            if i + 1 < len(self.layers):
+                x = F.relu(x)
+        return x
+
+    @classmethod
+    def from_linears(cls, num_experts: int, linears: list[nn.Linear]) -> GroupedExperts:
+        """``E`` copies of the stack ``linears`` (with ReLU between them): every expert starts
+        from the same weights, e.g. the trunk's upper layers."""
+        dims = [linears[0].in_features] + [lin.out_features for lin in linears]
+        experts = cls(num_experts, dims)
+        with torch.no_grad():
+            for layer, lin in zip(experts.layers, linears, strict=True):
+                layer.weight.copy_(lin.weight.t().unsqueeze(0).expand_as(layer.weight))
+                layer.bias.copy_(lin.bias.unsqueeze(0).expand_as(layer.bias))
+        return experts
+
+    def expert_state(self, e: int) -> dict[str, Tensor]:
+        """The parameters of expert ``e`` alone (a state dict of a 1-expert ``GroupedExperts``)."""
+        return {k: v[e : e + 1].detach().clone() for k, v in self.state_dict().items()}
+
+    def load_expert(self, e: int, state: dict[str, Tensor]) -> None:
+        """Writes a 1-expert state (from :meth:`expert_state`) into expert ``e``."""
+        own = self.state_dict()
+        if set(state) != set(own):
+            raise ValueError(f"expert state has keys {sorted(state)}, expected {sorted(own)}")
+        with torch.no_grad():
+            for k, v in own.items():
+                v[e : e + 1].copy_(state[k])
+
+    def single(self, e: int) -> GroupedExperts:
+        """A standalone 1-expert copy of expert ``e`` (what one worker trains)."""
+        one = GroupedExperts(1, self.dims)
+        one.load_state_dict(self.expert_state(e))
+        return one
+
+    @staticmethod
+    def macs_per_example(dims: tuple[int, ...]) -> int:
+        return int(sum(a * b for a, b in itertools.pairwise(dims)))
+
+
+class ModuleExperts(nn.Module):
+    """Arbitrary per-expert modules (any ``nn.Module`` mapping ``[n, d_in] -> [n, d_out]``).
+
+    The escape hatch for experts that are not linear stacks: it runs the permuted rows of each
+    expert through its own module, so it *does* loop over experts in Python (and reads ``offs`` on
+    the host). :class:`GroupedExperts` is the default and the fast path.
+    """
+
+    def __init__(self, modules: list[nn.Module]) -> None:
+        super().__init__()
+        self.experts = nn.ModuleList(modules)
+        self.num_experts = len(modules)
+
+    def forward(self, x: Tensor, offs: Tensor) -> Tensor:
+        ends = offs.tolist()
+        starts = [0, *ends[:-1]]
+        parts = [m(x[s:t]) for m, s, t in zip(self.experts, starts, ends, strict=True)]
+        return torch.cat(parts, 0)
+
+
+# ----------------------------------------------------------------------------- gater
+
+
+def balanced_assignment(dist: Tensor, capacity: int) -> Tensor:
+    """Assigns each row of ``dist [N, E]`` to a column, at most ``capacity`` rows per column.
+
+    Rounds of proposals: every unassigned row proposes its nearest column that is not full; each
+    column accepts its closest proposers up to its remaining room. Each round fills a column or
+    places every row, so at most ``E`` rounds run, all vectorised. Needs ``capacity * E >= N``.
+    """
+    N, E = dist.shape
+    if capacity * E < N:
+        raise ValueError(f"capacity {capacity} x {E} columns cannot hold {N} rows")
+    ids = torch.full((N,), -1, dtype=torch.long)
+    load = torch.zeros(E, dtype=torch.long)
+    while True:
+        todo = (ids < 0).nonzero().squeeze(1)
+        if todo.numel() == 0:
+            return ids
+        d = dist[todo].clone()
+        d[:, load >= capacity] = math.inf
+        choice = d.argmin(1)
+        best = d.gather(1, choice.unsqueeze(1)).squeeze(1)
+        by_dist = best.argsort(stable=True)
+        order = by_dist[choice[by_dist].argsort(stable=True)]  # by column, then by distance
+        sorted_choice = choice[order]
+        first = torch.searchsorted(sorted_choice, sorted_choice, right=False)
+        rank = torch.arange(order.numel()) - first
+        accept = rank < (capacity - load)[sorted_choice]
+        rows = order[accept]
+        ids[todo[rows]] = choice[rows]
+        load += torch.bincount(choice[rows], minlength=E)
+
+
+class ClusterGater(nn.Module):
+    """Assigns each example to one of ``num_experts`` experts from its trunk features.
+
+    Methods:
+        - ``"kmeans"``: scikit-learn ``KMeans`` (k-means++ seeding, ``n_init`` restarts) on
+          L2-normalised features; an example goes to its nearest centroid.
+        - ``"balanced"``: the k-means centroids refined by Lloyd steps whose assignment step is
+          capacity-constrained (:func:`balanced_assignment`, at most
+          ``ceil(balance * N / E)`` examples per expert), so that no expert starves. The training
+          examples keep their balanced assignment; new examples go to the nearest centroid.
+        - ``"hash"``: a fixed random hash of the quantised features; the assignment ignores what
+          the example looks like (the ablation baseline).
+
+    :meth:`fit` returns the training assignment; :meth:`forward` assigns new examples (int64
+    ``[B]``) in one batched distance computation.
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        in_features: int,
+        method: str = "kmeans",
+        balance: float = 1.0,
+        n_init: int = 2,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if method not in GATERS:
+            raise ValueError(f"ClusterGater: method must be one of {GATERS}, got {method!r}")
+        self.num_experts = num_experts
+        self.method = method
+        self.balance = balance
+        self.n_init = n_init
+        self.seed = seed
+        self.register_buffer("centroids", torch.zeros(num_experts, in_features))
+        gen = torch.Generator().manual_seed(seed)
+        self.register_buffer(
+            "hash_coef", torch.randint(1, 2**31 - 1, (in_features,), generator=gen)
+        )
+
+    @staticmethod
+    def _normalize(x: Tensor) -> Tensor:
+        return F.normalize(x.float(), dim=1)
+
+    def fit(self, features: Tensor) -> Tensor:
+        """Fits the gater on training features ``[N, d]``; returns their expert ids ``[N]``."""
+        E = self.num_experts
+        if self.method == "hash":
+            return self.forward(features)
+        x = self._normalize(features)
+        if E == 1:
+            self.centroids.copy_(x.mean(0, keepdim=True))
+            return torch.zeros(x.shape[0], dtype=torch.long)
+        from sklearn.cluster import KMeans
+
+        km = KMeans(n_clusters=E, n_init=self.n_init, random_state=self.seed)
+        km.fit(x.numpy())
+        self.centroids.copy_(torch.from_numpy(km.cluster_centers_).float())
+        if self.method == "kmeans":
+            return self.forward(features)
+        capacity = math.ceil(self.balance * x.shape[0] / E)
+        ids = torch.zeros(x.shape[0], dtype=torch.long)
+        for _ in range(10):
+            ids = balanced_assignment(torch.cdist(x, self.centroids), capacity)
+            sums = torch.zeros_like(self.centroids).index_add_(0, ids, x)
+            counts = torch.bincount(ids, minlength=E).clamp(min=1).unsqueeze(1)
+            new = sums / counts
+            moved = (new - self.centroids).norm(dim=1).max()
+            self.centroids.copy_(new)
+            if moved < 1e-5:
+                break
+        return ids
+
+    def forward(self, features: Tensor) -> Tensor:
+        """Expert id of each example, int64 ``[B]``."""
+        if self.method == "hash":
+            q = (features.float() * 1000).round().long()
+            h = (q * self.hash_coef).sum(1)
+            h = (h ^ (h >> 17)) * 0x2545F491
+            return torch.remainder(h ^ (h >> 13), self.num_experts)
+        x = self._normalize(features)
+        return torch.cdist(x, self.centroids.to(x.dtype)).argmin(1)
+
+
+# ----------------------------------------------------------------------------- the MoE
+
+
+class HardMoE(nn.Module):
+    """Hard mixture of experts: each example runs through exactly one expert.
+
+    ``forward(x)`` takes images when ``trunk`` (a module with ``features``) is given, else trunk
+    features ``[B, d]``; it returns label logits ``[B, L]``. The gater's ids become a
+    :class:`moefast.Routing` (:func:`moefast.routing_from_ids`), the features are grouped by
+    expert (:func:`moefast.permute`), every expert layer is one grouped GEMM, the rows go back in
+    example order (:func:`moefast.unpermute`) and one shared ``decoder`` maps the experts' common
+    embedding space to labels. With ``decoder=None`` the experts end in their own decoders (the
+    per-expert-decoder ablation).
+    """
+
+    def __init__(
+        self,
+        gater: ClusterGater,
+        experts: nn.Module,
+        decoder: nn.Linear | None,
+        trunk: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        self.gater = gater
+        self.experts = experts
+        self.decoder = decoder
+        self.trunk = trunk
+        self.num_experts = gater.num_experts
+
+    def routing(self, features: Tensor) -> ops.Routing:
+        return ops.routing_from_ids(self.gater(features), self.num_experts)
+
+    def forward(self, x: Tensor) -> Tensor:
+        features = self.trunk.features(x) if self.trunk is not None else x
+        routing = self.routing(features)
+        y = self.experts(ops.permute(features, routing), routing.offs)
+        emb = ops.unpermute(y, routing)
+        return self.decoder(emb) if self.decoder is not None else emb
