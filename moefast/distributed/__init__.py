@@ -177,7 +177,8 @@ def exchange_counts(counts: Tensor, group=None) -> tuple[list[int], list[int], T
     per_rank = [E // W] * W  # E / W counts to each rank
     recv_counts = _all_to_all_raw(send_counts, per_rank, per_rank, group).view(W, E // W)
     # One device-to-host copy for both splits.
-    host = torch.cat([send_counts.view(W, E // W).sum(1), recv_counts.sum(1)]).tolist()
+    splits = torch.cat([send_counts.view(W, E // W).sum(1), recv_counts.sum(1)])
+    host = splits.tolist()  # host-ok: all_to_all_single needs its split sizes on the host
     return host[:W], host[W:], recv_counts
 
 

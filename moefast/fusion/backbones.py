@@ -21,6 +21,7 @@ preprocessing and a hash of the images, so changing either computes the features
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import json
 import os
@@ -49,7 +50,7 @@ def _hash_state(module: nn.Module, extra: str) -> str:
     h = hashlib.sha256(extra.encode())
     for k, v in sorted(module.state_dict().items()):
         h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())  # host-ok: cache key
     return h.hexdigest()[:20]
 
 
@@ -69,7 +70,7 @@ def thumbnails(images: np.ndarray, size: int = 14) -> torch.Tensor:
     return resize(to_float(images), size)
 
 
-class Backbone:
+class Backbone(abc.ABC):
     """A frozen pretrained network: ``name``, ``source`` (what it learned from), ``dim``."""
 
     name: str = "backbone"
@@ -77,12 +78,13 @@ class Backbone:
     dim: int = 0
     module: nn.Module
 
+    @abc.abstractmethod
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, 1, H, W]`` floats in [0, 1] -> the network's input."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """The network's input -> its penultimate features ``[B, dim]``."""
 
     def config(self) -> str:
         return ""
@@ -349,13 +351,13 @@ class SmallCNN(Backbone):
             for i in range(0, len(y), 128):
                 idx = perm[i : i + 128]
                 # Random shifts of up to 2 pixels, so the features do not hinge on centring.
-                dx, dy = torch.randint(-2, 3, (2,), generator=gen).tolist()
+                dx, dy = torch.randint(-2, 3, (2,), generator=gen).tolist()  # host-ok: CPU ints
                 xb = torch.roll(x[idx], shifts=(dy, dx), dims=(2, 3))
                 loss = F.cross_entropy(self.module(xb), y[idx])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            bar.set_postfix(loss=f"{loss.item():.3f}")  # host-ok: progress bar
 
     def preprocess(self, x):
         return resize(x, 28)

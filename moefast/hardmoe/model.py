@@ -139,7 +139,9 @@ class ModuleExperts(nn.Module):
         self.num_experts = len(modules)
 
     def forward(self, x: Tensor, offs: Tensor) -> Tensor:
-        ends = offs.tolist()
+        # Arbitrary per-expert modules need each group's rows as Python slices: a deliberate sync
+        # on this (non-default) path; GroupedExperts stays on the device.
+        ends = offs.tolist()  # host-ok: slicing for arbitrary per-expert modules
         starts = [0, *ends[:-1]]
         parts = [m(x[s:t]) for m, s, t in zip(self.experts, starts, ends, strict=True)]
         return torch.cat(parts, 0)

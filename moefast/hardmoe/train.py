@@ -70,7 +70,7 @@ def train_trunk(
             loss.backward()
             opt.step()
             sched.step()
-            total += loss.item() * idx.numel()
+            total += loss.item() * idx.numel()  # host-ok: training log
         bar.set_postfix(loss=f"{total / x.shape[0]:.3f}")
     trunk.eval()
     return trunk
@@ -135,7 +135,7 @@ def train_one_expert(
     best_epoch = 0
     if x_va.shape[0] > 0:
         with torch.no_grad():
-            best_loss = soft_target_loss(run(x_va), y_va).item()
+            best_loss = soft_target_loss(run(x_va), y_va).item()  # host-ok: early stopping
     steps = 0
     epoch = 0
     while n > 0:
@@ -156,7 +156,7 @@ def train_one_expert(
                 break
         if x_va.shape[0] > 0:
             with torch.no_grad():
-                va = soft_target_loss(run(x_va), y_va).item()
+                va = soft_target_loss(run(x_va), y_va).item()  # host-ok: early stopping
         else:
             va = -float(epoch)  # no validation examples: keep the last epoch
         if va < best_loss:
@@ -263,7 +263,7 @@ def train_experts_worker(
     cfg = prep["config"]
     E = prep["num_experts"]
     ids, is_val = prep["assignment"], prep["is_val"]
-    sizes = torch.bincount(ids, minlength=E).tolist()
+    sizes = torch.bincount(ids, minlength=E).tolist()  # host-ok: cluster sizes for the log
     mine = owned_experts(sizes, rank, world_size)
     decoder = _make_decoder(prep["decoder"])
     trained, skipped, info = [], [], {}
