@@ -3,7 +3,9 @@
 C++ sources (csrc/*.cpp, csrc/cpu/*.cpp) are always built. CUDA sources (csrc/cuda/*.cu) are added
 when torch has CUDA and nvcc is found, or when MOEFAST_CUDA=1 forces them (compile checks on a machine
 without a GPU); MOEFAST_CUDA=0 turns them off. TORCH_CUDA_ARCH_LIST picks the GPU architectures, and
-nothing here asks a driver for a device. Install with `pip install --no-build-isolation -e .` against
+nothing here asks a driver for a device. The tensor-core grouped GEMM builds on the CUTLASS headers of the
+`nvidia-cutlass` wheel (found without importing it, or at MOEFAST_CUTLASS_INCLUDE); without them only its
+CUDA-core path is built. Install with `pip install --no-build-isolation -e .` against
 the torch already installed.
 """
 
@@ -26,6 +28,23 @@ def _want_cuda() -> bool:
     return torch.version.cuda is not None and CUDA_HOME is not None
 
 
+def _cutlass_include() -> str | None:
+    """The CUTLASS/CuTe include directory shipped in the nvidia-cutlass wheel, if installed."""
+    explicit = os.environ.get("MOEFAST_CUTLASS_INCLUDE")
+    if explicit:
+        return explicit
+    import importlib.util
+
+    spec = importlib.util.find_spec("cutlass_library")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for root in spec.submodule_search_locations:
+        include = Path(root) / "source" / "include"
+        if (include / "cutlass" / "cutlass.h").is_file():
+            return str(include)
+    return None
+
+
 def _extensions():
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
@@ -42,11 +61,20 @@ def _extensions():
         nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
         if os.environ.get("MOEFAST_PTXAS_VERBOSE") == "1":
             nvcc_flags.append("-Xptxas=-v")  # register and spill report, checked by CI
+        cuda_includes = [str(ROOT / "csrc" / "cuda")]
+        cutlass = _cutlass_include()
+        if cutlass is not None:
+            cuda_includes.append(cutlass)
+            define_macros.append(("MOEFAST_WITH_CUTLASS", None))
+        elif os.environ.get("MOEFAST_REQUIRE_CUTLASS") == "1":
+            raise RuntimeError(
+                "MOEFAST_REQUIRE_CUTLASS=1 but the nvidia-cutlass headers were not found"
+            )
         return [
             CUDAExtension(
                 "moefast._C",
                 sources + cuda_sources,
-                include_dirs=[*include_dirs, str(ROOT / "csrc" / "cuda")],
+                include_dirs=[*include_dirs, *cuda_includes],
                 define_macros=define_macros,
                 extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
                 extra_link_args=["-fopenmp"],

@@ -14,9 +14,12 @@ if [ ! -x "$CUDA_HOME/bin/nvcc" ]; then
 fi
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 "$VENV/bin/pip" install --quiet torch==2.14.1 numpy ninja pybind11 setuptools wheel
+# The CUTLASS/CuTe headers of the tensor-core grouped GEMM (a pure-header wheel; its Python deps are
+# not needed for the headers).
+"$VENV/bin/pip" install --quiet --no-deps nvidia-cutlass==4.2.0.0
 SITE=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 export CUDA_HOME PATH="$CUDA_HOME/bin:$PATH" CPATH="$SITE/nvidia/cu13/include"
-export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;9.0a}" MOEFAST_CUDA=1 MOEFAST_PTXAS_VERBOSE=1
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;9.0a}" MOEFAST_CUDA=1 MOEFAST_PTXAS_VERBOSE=1 MOEFAST_REQUIRE_CUTLASS=1
 mkdir -p build/cuda  # ninja rebuilds what changed
 log=build/cuda/build.log
 echo "cuda_build_check: building with $("$VENV/bin/python" -c 'import torch; print(torch.__version__)'),"\
@@ -45,8 +48,10 @@ lib=$(ls -d build/cuda/lib*)
 import torch
 import moefast
 assert moefast._C.with_cuda, "the extension was built without its CUDA sources"
+assert moefast._C.with_cutlass, "the extension was built without the CUTLASS grouped GEMM"
 ops = ["router", "router_backward", "routing_plan", "permute", "unpermute",
-       "unpermute_weight_grad", "grouped_bias_grad", "mixture", "mixture_backward"]
+       "unpermute_weight_grad", "grouped_mm", "grouped_mm_act", "grouped_mm_weight_grad",
+       "grouped_bias_grad", "mixture", "mixture_backward"]
 missing = [op for op in ops if not torch._C._dispatch_has_kernel_for_dispatch_key(f"moefast::{op}", "CUDA")]
 assert not missing, f"ops without a CUDA kernel: {missing}"
 print(f"cuda_build_check: imported moefast with torch {torch.__version__}; CUDA kernels for {len(ops)} ops")

@@ -30,6 +30,16 @@ run_step() {  # name, command...
   tail -n 6 "$logs/$name.log" | sed 's/^/     /'
 }
 
+# The tensor-core grouped GEMM needs the CUTLASS headers of the nvidia-cutlass wheel. The GPU
+# machine has no internet: carry the wheel in .whl/ (see bench/README.md) and it is unpacked here.
+if ! $PY -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("cutlass_library") is None)'; then
+  wheel=$(ls .whl/nvidia_cutlass-*.whl 2>/dev/null | head -1)
+  if [ -n "$wheel" ]; then
+    $PY -m pip install -q --no-index --no-deps --target /tmp/moefast-cutlass "$wheel"
+    export MOEFAST_CUTLASS_INCLUDE=/tmp/moefast-cutlass/cutlass_library/source/include
+  fi
+fi
+export MOEFAST_REQUIRE_CUTLASS=${MOEFAST_REQUIRE_CUTLASS:-1}
 arch=$($PY -c 'import torch; p = torch.cuda.get_device_capability(); print(f"{p[0]}.{p[1]}" + ("a" if p[0] == 9 else ""))')
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$arch} MOEFAST_CUDA=1 MOEFAST_PTXAS_VERBOSE=1
 run_step build env MAX_JOBS="$(nproc)" $PY setup.py build_ext --inplace

@@ -65,6 +65,32 @@ def run(dtype: torch.dtype) -> None:
             torch.ops.moefast.grouped_bias_grad(grad, offs),
             tol * 10,
         )
+    # The grouped GEMM: aligned (tensor-core kernels for bf16 / fp16) and unaligned (CUDA cores)
+    # shapes, with an empty group and an unused tail; forward, data and weight gradients, bias and
+    # each fused activation.
+    for K, M in ((64, 136), (33, 50)):
+        offs = torch.tensor([40, 40, 170, 171, 190], dtype=torch.int32)
+        a = torch.randn(201, K, generator=gen).to(dtype)
+        b = (torch.randn(5, K, M, generator=gen) * K**-0.5).to(dtype)
+        bias = torch.randn(5, M, generator=gen).to(dtype)
+        ac, bc, biasc = (t.clone().requires_grad_() for t in (a, b, bias))
+        ag, bg, biasg = (t.cuda().requires_grad_() for t in (a, b, bias))
+        oc = moefast.grouped_mm(ac, bc, offs, biasc)
+        og = moefast.grouped_mm(ag, bg, offs.cuda(), biasg)
+        _check(f"grouped_mm {dtype} K={K}", og, oc, tol * 4)
+        go = torch.randn(201, M, generator=gen).to(dtype)
+        oc.backward(go)
+        og.backward(go.cuda())
+        _check(f"grouped_mm grad a {dtype} K={K}", ag.grad, ac.grad, tol * 4)
+        _check(f"grouped_mm grad b {dtype} K={K}", bg.grad, bc.grad, tol * 10)
+        _check(f"grouped_mm grad bias {dtype} K={K}", biasg.grad, biasc.grad, tol * 10)
+        for act in ("relu", "gelu", "silu", "swiglu"):
+            _check(
+                f"grouped_mm_act {act} {dtype} K={K}",
+                moefast.grouped_mm_act(a.cuda(), b.cuda(), offs.cuda(), bias.cuda(), act),
+                moefast.grouped_mm_act(a, b, offs, bias, act),
+                tol * 4,
+            )
     torch.cuda.synchronize()
 
 

@@ -1,4 +1,5 @@
-"""CUDA benchmarks of the memory-bound kernels, each with its roofline beside it.
+"""CUDA benchmarks: the memory-bound kernels with their roofline beside them, and the grouped GEMM
+against dense cuBLAS, torch's grouped GEMM and a per-expert loop.
 
 - permute and unpermute (bfloat16, T=16384, d=4096, k=2) in GB/s (bytes read plus bytes written)
   against the device's measured copy bandwidth;
@@ -121,3 +122,109 @@ def test_mixture_bandwidth(benchmark, copy_gbps):
         fraction_of_copy=gbps / copy_gbps,
     )
     print(f"\nmixture: {gbps:.0f} GB/s = {gbps / copy_gbps:.2f} of copy bandwidth")
+
+
+# ----------------------------------------------------------------------------- grouped GEMM goals
+# The tensor-core grouped GEMM on the issue's shapes, bfloat16: Mixtral-8x7B-like (d=4096,
+# h=14336, E=8, top-2) and Qwen3-30B-A3B-like (d=2048, h=768, E=128, top-8), 16k tokens, with
+# uniform and Zipf-skewed routing. Each pass (forward a @ w[e], data gradient g @ w[e]^T, weight
+# gradient a_e^T @ g_e) is timed side by side with
+#   - cuBLAS on one dense problem of the same total FLOPs (torch.matmul), the limit;
+#   - torch's grouped GEMM (torch._grouped_mm / F.grouped_mm), where it runs;
+#   - a per-expert loop of torch.matmul over views.
+# The goals: >= 0.75 of the dense limit, at least as fast as torch's grouped GEMM, faster than the
+# loop. Ratios are recorded in extra_info (and printed), never asserted.
+GEMM_SHAPES = {
+    "mixtral-8x7b": dict(T=16384, d=4096, h=14336, E=8, k=2),
+    "qwen3-30b-a3b": dict(T=16384, d=2048, h=768, E=128, k=8),
+}
+
+
+def _group_sizes(N: int, E: int, routing: str) -> list[int]:
+    if routing == "uniform":
+        w = torch.ones(E, dtype=torch.float64)
+    else:
+        w = 1.0 / torch.arange(1, E + 1, dtype=torch.float64) ** 1.2
+    sizes = torch.floor(w / w.sum() * N).long()
+    sizes[0] += N - int(sizes.sum())
+    return sizes.tolist()
+
+
+def _torch_grouped():
+    return getattr(torch.nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+@pytest.mark.parametrize("routing", ["uniform", "zipf"])
+@pytest.mark.parametrize("model", list(GEMM_SHAPES))
+@pytest.mark.parametrize("gemm", ["fwd", "dgrad", "wgrad"])
+def test_grouped_gemm_goals(benchmark, model, routing, gemm):
+    s = GEMM_SHAPES[model]
+    N, K, M, E = s["T"] * s["k"], s["d"], s["h"], s["E"]
+    sizes = _group_sizes(N, E, routing)
+    offs = torch.tensor(sizes, device="cuda").cumsum(0).to(torch.int32)
+    starts = [0, *torch.tensor(sizes).cumsum(0).tolist()]
+    dt = torch.bfloat16
+    a = torch.randn(N, K, device="cuda", dtype=dt)
+    w = torch.randn(E, K, M, device="cuda", dtype=dt) * K**-0.5
+    g = torch.randn(N, M, device="cuda", dtype=dt)
+    flops = 2.0 * N * K * M
+    tgm = _torch_grouped()
+    if gemm == "fwd":
+        ours = lambda: torch.ops.moefast.grouped_mm(a, w, offs)  # noqa: E731
+        dense = lambda: torch.matmul(a, w[0])  # noqa: E731
+        theirs = (lambda: tgm(a, w, offs=offs)) if tgm else None
+
+        def loop():
+            return [a[starts[e] : starts[e + 1]] @ w[e] for e in range(E)]
+    elif gemm == "dgrad":
+        wt = w.transpose(1, 2)
+        ours = lambda: torch.ops.moefast.grouped_mm(g, wt, offs)  # noqa: E731
+        dense = lambda: torch.matmul(g, wt[0])  # noqa: E731
+        theirs = (lambda: tgm(g, wt, offs=offs)) if tgm else None
+
+        def loop():
+            return [g[starts[e] : starts[e + 1]] @ wt[e] for e in range(E)]
+    else:
+        ours = lambda: torch.ops.moefast.grouped_mm_weight_grad(a, g, offs)  # noqa: E731
+        dense = lambda: torch.matmul(a.T, g)  # noqa: E731
+        theirs = (lambda: tgm(a.T, g, offs=offs)) if tgm else None
+
+        def loop():
+            return [a[starts[e] : starts[e + 1]].T @ g[starts[e] : starts[e + 1]] for e in range(E)]
+
+    ms = {"moefast": _event_median_ms(ours, reps=20), "dense": _event_median_ms(dense, reps=20)}
+    ms["loop"] = _event_median_ms(loop, reps=10)
+    why_not = None
+    if theirs is not None:
+        try:
+            theirs()
+            ms["torch_grouped_mm"] = _event_median_ms(theirs, reps=20)
+        except RuntimeError as err:  # e.g. a layout or device torch's kernel does not take
+            why_not = str(err).splitlines()[0]
+    tflops = {k: flops / v / 1e9 for k, v in ms.items()}
+    info = dict(
+        model=model,
+        routing=routing,
+        gemm=gemm,
+        N=N,
+        K=K,
+        M=M,
+        E=E,
+        median_ms=ms,
+        tflops=tflops,
+        fraction_of_dense=ms["dense"] / ms["moefast"],
+        speedup_vs_loop=ms["loop"] / ms["moefast"],
+        device=torch.cuda.get_device_name(),
+    )
+    if "torch_grouped_mm" in ms:
+        info["speedup_vs_torch_grouped_mm"] = ms["torch_grouped_mm"] / ms["moefast"]
+    elif why_not:
+        info["torch_grouped_mm_skipped"] = why_not
+    _record(benchmark, ours, **info)
+    line = (
+        f"\n{model} {routing} {gemm}: {tflops['moefast']:.0f} TFLOP/s = "
+        f"{info['fraction_of_dense']:.2f} of dense cuBLAS, {info['speedup_vs_loop']:.2f}x the loop"
+    )
+    if "speedup_vs_torch_grouped_mm" in info:
+        line += f", {info['speedup_vs_torch_grouped_mm']:.2f}x torch grouped_mm"
+    print(line)

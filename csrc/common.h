@@ -208,6 +208,69 @@ inline void check_mixture_backward_args(const at::Tensor& grad_out_in, const at:
                     "moefast.", op, ": grad_out must be [B, C], got ", grad_out_in.sizes());
 }
 
+// The epilogue activations of grouped_mm_act. kSwiglu reads a [gate | up] output of width 2H and
+// returns H columns, silu(gate) * up.
+enum class GemmActivation : int { kNone = 0, kRelu = 1, kGelu = 2, kSilu = 3, kSwiglu = 4 };
+
+inline GemmActivation parse_gemm_activation(const std::string& name, const char* op) {
+  if (name == "none") return GemmActivation::kNone;
+  if (name == "relu") return GemmActivation::kRelu;
+  if (name == "gelu") return GemmActivation::kGelu;
+  if (name == "silu") return GemmActivation::kSilu;
+  if (name == "swiglu") return GemmActivation::kSwiglu;
+  TORCH_CHECK_VALUE(false, "moefast.", op,
+                    ": activation must be one of 'none', 'relu', 'gelu', 'silu', 'swiglu'; got '",
+                    name, "'");
+}
+
+// Shape, dtype and device checks of grouped_mm (the values of offs are checked on the CPU only:
+// on a GPU that would take a synchronisation).
+inline void check_grouped_mm_args(const at::Tensor& a, const at::Tensor& b, const at::Tensor& offs,
+                                  const c10::optional<at::Tensor>& bias, const char* op) {
+  check_dim(a, 2, op, "a", "[N, K]");
+  check_dim(b, 3, op, "b", "[E, K, M]");
+  check_floating(a, op, "a");
+  TORCH_CHECK_TYPE(a.scalar_type() == b.scalar_type(), "moefast.", op,
+                   ": a and b must share a dtype, got ", a.scalar_type(), " and ", b.scalar_type());
+  check_same_device(a, b, op, "a", "b");
+  check_same_device(a, offs, op, "a", "offs");
+  TORCH_CHECK_VALUE(a.size(1) == b.size(1), "moefast.", op,
+                    ": a [N, K] and b [E, K, M] must agree on K, got a ", a.sizes(), " and b ",
+                    b.sizes());
+  check_dim(offs, 1, op, "offs", "[E]");
+  check_int32(offs, op, "offs");
+  TORCH_CHECK_VALUE(offs.size(0) == b.size(0), "moefast.", op,
+                    ": offs must have one entry per group, E = ", b.size(0), ", got ",
+                    offs.size(0));
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK_TYPE(bias->scalar_type() == a.scalar_type(), "moefast.", op,
+                     ": bias must have the dtype of a, ", a.scalar_type(), ", got ",
+                     bias->scalar_type());
+    check_same_device(a, *bias, op, "a", "bias");
+    TORCH_CHECK_VALUE(bias->dim() == 2 && bias->size(0) == b.size(0) && bias->size(1) == b.size(2),
+                      "moefast.", op, ": bias must be [E, M] = [", b.size(0), ", ", b.size(2),
+                      "], got ", bias->sizes());
+  }
+}
+
+// Shape, dtype and device checks of grouped_mm_weight_grad.
+inline void check_weight_grad_args(const at::Tensor& a, const at::Tensor& grad_out,
+                                   const at::Tensor& offs, const char* op) {
+  check_dim(a, 2, op, "a", "[N, K]");
+  check_dim(grad_out, 2, op, "grad_out", "[N, M]");
+  check_floating(a, op, "a");
+  TORCH_CHECK_TYPE(a.scalar_type() == grad_out.scalar_type(), "moefast.", op,
+                   ": a and grad_out must share a dtype, got ", a.scalar_type(), " and ",
+                   grad_out.scalar_type());
+  check_same_device(a, grad_out, op, "a", "grad_out");
+  check_same_device(a, offs, op, "a", "offs");
+  TORCH_CHECK_VALUE(a.size(0) == grad_out.size(0), "moefast.", op,
+                    ": a and grad_out must have the same rows, got ", a.sizes(), " and ",
+                    grad_out.sizes());
+  check_dim(offs, 1, op, "offs", "[E]");
+  check_int32(offs, op, "offs");
+}
+
 // Shape, dtype and device checks of grouped_bias_grad (the values of offs are checked on the CPU).
 inline void check_bias_grad_args(const at::Tensor& grad_out, const at::Tensor& offs) {
   const char* op = "grouped_mm (bias gradient)";

@@ -17,6 +17,11 @@ PYBIND11_MODULE(_C, m) {
 #else
   m.attr("with_cuda") = false;
 #endif
+#ifdef MOEFAST_WITH_CUTLASS
+  m.attr("with_cutlass") = true;  // the tensor-core grouped GEMM paths (sm_80 and sm_90a)
+#else
+  m.attr("with_cutlass") = false;
+#endif
   m.attr("router_modes") = pybind11::make_tuple("softmax_topk", "topk_softmax", "hard", "dense");
   m.def(
       "set_poison_outputs", [](bool on) { moefast::poison_outputs_flag().store(on); },

@@ -20,6 +20,9 @@ TORCH_LIBRARY(moefast, m) {
   m.def("unpermute_weight_grad(Tensor grad_out, Tensor y, Tensor position) -> Tensor");
   // a [N, K], b [E, K, M], offs [E] int32 cumulative row ends, bias [E, M] -> [N, M].
   m.def("grouped_mm(Tensor a, Tensor b, Tensor offs, Tensor? bias=None) -> Tensor");
+  // grouped_mm followed by an activation (none, relu, gelu, silu; swiglu halves M: [gate | up] ->
+  // silu(gate) * up), fused into the GEMM epilogue on CUDA.
+  m.def("grouped_mm_act(Tensor a, Tensor b, Tensor offs, Tensor? bias, str activation) -> Tensor");
   // a [N, K], grad_out [N, M], offs [E] -> grad_b [E, K, M] = a_e^T @ grad_out_e per group.
   m.def("grouped_mm_weight_grad(Tensor a, Tensor grad_out, Tensor offs) -> Tensor");
   // grad_out [N, M], offs [E] -> grad_bias [E, M], the sum of each group's rows.

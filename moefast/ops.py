@@ -30,10 +30,12 @@ from torch import Tensor
 from . import _C  # noqa: F401  (loading the extension registers torch.ops.moefast)
 
 __all__ = [
+    "GEMM_ACTIVATIONS",
     "ROUTER_MODES",
     "Routing",
     "apply_capacity",
     "grouped_mm",
+    "grouped_mm_act",
     "load_balancing_loss",
     "mixture",
     "permute",
@@ -49,6 +51,7 @@ except ImportError:  # pragma: no cover
     _nvtx = None
 
 ROUTER_MODES = ("softmax_topk", "topk_softmax", "hard", "dense")
+GEMM_ACTIVATIONS = ("none", "relu", "gelu", "silu", "swiglu")
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _ops = torch.ops.moefast
 
@@ -303,6 +306,42 @@ def unpermute(y: Tensor, routing: Routing, weights: Tensor | None = None) -> Ten
         return _ops.unpermute(y, routing.position, w)
 
 
+def _check_grouped_mm(op: str, a: Tensor, b: Tensor, offs: Tensor, bias: Tensor | None) -> None:
+    _check_tensor(op, "a", a, 2, "[N, K]")
+    _check_tensor(op, "b", b, 3, "[E, K, M]")
+    _check_tensor(op, "offs", offs, 1, "[E]")
+    _check_float(op, "a", a)
+    autocast = _autocast_enabled(a.device)  # casts a, b and bias to one dtype
+    if b.dtype != a.dtype and not autocast:
+        raise TypeError(f"moefast.{op}: a and b must share a dtype, got {a.dtype} and {b.dtype}")
+    if offs.dtype != torch.int32:
+        raise TypeError(f"moefast.{op}: offs must be int32, got {offs.dtype}")
+    _check_device(op, "a", a, "b", b)
+    _check_device(op, "a", a, "offs", offs)
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(
+            f"moefast.{op}: a [N, K] and b [E, K, M] must agree on K, "
+            f"got a {tuple(a.shape)} and b {tuple(b.shape)}"
+        )
+    if offs.shape[0] != b.shape[0]:
+        raise ValueError(
+            f"moefast.{op}: offs must have one entry per group, E = {b.shape[0]}, "
+            f"got {offs.shape[0]}"
+        )
+    if bias is not None:
+        _check_tensor(op, "bias", bias, 2, "[E, M]")
+        if bias.shape != (b.shape[0], b.shape[2]):
+            raise ValueError(
+                f"moefast.{op}: bias must be [E, M] = [{b.shape[0]}, {b.shape[2]}], "
+                f"got {tuple(bias.shape)}"
+            )
+        _check_device(op, "a", a, "bias", bias)
+        if bias.dtype != a.dtype and not autocast:
+            raise TypeError(
+                f"moefast.{op}: bias must have the dtype of a, {a.dtype}, got {bias.dtype}"
+            )
+
+
 def grouped_mm(a: Tensor, b: Tensor, offs: Tensor, bias: Tensor | None = None) -> Tensor:
     """Grouped matrix product, ``torch._grouped_mm``'s 2D x 3D contract.
 
@@ -313,44 +352,37 @@ def grouped_mm(a: Tensor, b: Tensor, offs: Tensor, bias: Tensor | None = None) -
     past ``offs[-1]``). Differentiable in ``a``, ``b`` and ``bias``; an expert with no rows gets a
     zero gradient. Under ``torch.autocast`` it runs in the autocast dtype, like ``torch.matmul``.
     """
-    op = "grouped_mm"
-    _check_tensor(op, "a", a, 2, "[N, K]")
-    _check_tensor(op, "b", b, 3, "[E, K, M]")
-    _check_tensor(op, "offs", offs, 1, "[E]")
-    _check_float(op, "a", a)
-    autocast = _autocast_enabled(a.device)  # casts a, b and bias to one dtype
-    if b.dtype != a.dtype and not autocast:
-        raise TypeError(
-            f"moefast.grouped_mm: a and b must share a dtype, got {a.dtype} and {b.dtype}"
-        )
-    if offs.dtype != torch.int32:
-        raise TypeError(f"moefast.grouped_mm: offs must be int32, got {offs.dtype}")
-    _check_device(op, "a", a, "b", b)
-    _check_device(op, "a", a, "offs", offs)
-    if a.shape[1] != b.shape[1]:
-        raise ValueError(
-            f"moefast.grouped_mm: a [N, K] and b [E, K, M] must agree on K, "
-            f"got a {tuple(a.shape)} and b {tuple(b.shape)}"
-        )
-    if offs.shape[0] != b.shape[0]:
-        raise ValueError(
-            f"moefast.grouped_mm: offs must have one entry per group, E = {b.shape[0]}, "
-            f"got {offs.shape[0]}"
-        )
-    if bias is not None:
-        _check_tensor(op, "bias", bias, 2, "[E, M]")
-        if bias.shape != (b.shape[0], b.shape[2]):
-            raise ValueError(
-                f"moefast.grouped_mm: bias must be [E, M] = [{b.shape[0]}, {b.shape[2]}], "
-                f"got {tuple(bias.shape)}"
-            )
-        _check_device(op, "a", a, "bias", bias)
-        if bias.dtype != a.dtype and not autocast:
-            raise TypeError(
-                f"moefast.grouped_mm: bias must have the dtype of a, {a.dtype}, got {bias.dtype}"
-            )
+    _check_grouped_mm("grouped_mm", a, b, offs, bias)
     with _range("grouped_mm"):
         return _ops.grouped_mm(a, b, offs, bias)
+
+
+def grouped_mm_act(
+    a: Tensor, b: Tensor, offs: Tensor, bias: Tensor | None = None, activation: str = "silu"
+) -> Tensor:
+    """:func:`grouped_mm` followed by an activation, fused into the GEMM's epilogue on CUDA.
+
+    ``activation`` is one of :data:`GEMM_ACTIVATIONS`: ``relu``, ``gelu`` (exact, erf), ``silu``,
+    ``none``, or ``swiglu``, which reads the ``[gate | up]`` halves of a ``2H``-wide product and
+    returns ``silu(gate) * up`` of width ``H``. On CUDA, relu, gelu and silu (and the bias) are
+    applied in the epilogue, so the pre-activation never goes to memory; swiglu runs as one more
+    pass over the product. Rows past ``offs[-1]`` are ``act(0) = 0``. The backward recomputes
+    the pre-activation with one more grouped GEMM instead of keeping it (activation
+    checkpointing), so the fused form suits inference and memory-bound training.
+    """
+    op = "grouped_mm_act"
+    if activation not in GEMM_ACTIVATIONS:
+        raise ValueError(
+            f"moefast.{op}: activation must be one of {GEMM_ACTIVATIONS}, got {activation!r}"
+        )
+    _check_grouped_mm(op, a, b, offs, bias)
+    if activation == "swiglu" and b.shape[2] % 2 != 0:
+        raise ValueError(
+            f"moefast.{op}: swiglu needs an even number of output columns [gate | up], "
+            f"got b {tuple(b.shape)}"
+        )
+    with _range(op):
+        return _ops.grouped_mm_act(a, b, offs, bias, activation)
 
 
 def mixture(gate_logits: Tensor, expert_out: Tensor) -> Tensor:
@@ -466,6 +498,12 @@ def _grouped_mm_fake(a, b, offs, bias=None):
     return a.new_empty((a.shape[0], b.shape[2]))
 
 
+@torch.library.register_fake("moefast::grouped_mm_act")
+def _grouped_mm_act_fake(a, b, offs, bias, activation):
+    cols = b.shape[2] // 2 if activation == "swiglu" else b.shape[2]
+    return a.new_empty((a.shape[0], cols))
+
+
 @torch.library.register_fake("moefast::grouped_bias_grad")
 def _grouped_bias_grad_fake(grad_out, offs):
     return grad_out.new_empty((offs.shape[0], grad_out.shape[1]))
@@ -576,6 +614,55 @@ def _grouped_mm_backward(ctx, grad_out):
 
 torch.library.register_autograd(
     "moefast::grouped_mm", _grouped_mm_backward, setup_context=_grouped_mm_setup
+)
+
+
+def _activation_grad(pre: Tensor, grad_out: Tensor, activation: str) -> Tensor:
+    """The gradient with respect to the pre-activation, in plain tensor ops (no autograd)."""
+    acc = _opmath(pre.dtype)
+    x, g = pre.to(acc), grad_out.to(acc)
+    if activation == "relu":
+        out = g * (x > 0).to(acc)
+    elif activation == "gelu":
+        cdf = 0.5 * (1.0 + torch.erf(x * 0.7071067811865476))
+        pdf = torch.exp(-0.5 * x * x) * 0.3989422804014327
+        out = g * (cdf + x * pdf)
+    elif activation == "silu":
+        s = torch.sigmoid(x)
+        out = g * s * (1.0 + x * (1.0 - s))
+    elif activation == "swiglu":
+        h = x.shape[1] // 2
+        gate, up = x[:, :h], x[:, h:]
+        s = torch.sigmoid(gate)
+        out = torch.cat((g * up * s * (1.0 + gate * (1.0 - s)), g * gate * s), dim=1)
+    else:
+        out = g
+    return out.to(pre.dtype)
+
+
+def _grouped_mm_act_setup(ctx, inputs, output):
+    a, b, offs, bias, activation = inputs
+    ctx.activation = activation
+    ctx.save_for_backward(a, b, offs, bias)
+
+
+def _grouped_mm_act_backward(ctx, grad_out):
+    with _range("grouped_mm_act.backward"):
+        a, b, offs, bias = ctx.saved_tensors
+        pre = _ops.grouped_mm(a, b, offs, bias)  # recomputed, not stored
+        grad_pre = _activation_grad(pre, grad_out, ctx.activation)
+        grad_a = grad_b = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_a = _ops.grouped_mm(grad_pre, b.transpose(1, 2), offs)
+        if ctx.needs_input_grad[1]:
+            grad_b = _ops.grouped_mm_weight_grad(a, grad_pre, offs)
+        if ctx.needs_input_grad[3]:
+            grad_bias = _ops.grouped_bias_grad(grad_pre, offs)
+        return grad_a, grad_b, None, grad_bias, None
+
+
+torch.library.register_autograd(
+    "moefast::grouped_mm_act", _grouped_mm_act_backward, setup_context=_grouped_mm_act_setup
 )
 
 

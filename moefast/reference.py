@@ -125,6 +125,33 @@ def grouped_mm(a: Tensor, b: Tensor, offs: Tensor, bias: Tensor | None = None) -
     return torch.cat(pieces, dim=0).to(a.dtype)
 
 
+def grouped_mm_act(
+    a: Tensor, b: Tensor, offs: Tensor, bias: Tensor | None = None, activation: str = "silu"
+) -> Tensor:
+    """:func:`grouped_mm` in the accumulation dtype, then the activation, then rounding once."""
+    ends = [int(v) for v in offs.tolist()]
+    acc = opmath_dtype(a.dtype)
+    pre = torch.zeros(a.shape[0], b.shape[2], dtype=acc, device=a.device)
+    begin = 0
+    for e, end in enumerate(ends):
+        pre[begin:end] = a[begin:end].to(acc) @ b[e].to(acc)
+        if bias is not None:
+            pre[begin:end] += bias[e].to(acc)
+        begin = end
+    if activation == "relu":
+        out = torch.relu(pre)
+    elif activation == "gelu":
+        out = torch.nn.functional.gelu(pre)
+    elif activation == "silu":
+        out = torch.nn.functional.silu(pre)
+    elif activation == "swiglu":
+        h = pre.shape[1] // 2
+        out = torch.nn.functional.silu(pre[:, :h]) * pre[:, h:]
+    else:
+        out = pre
+    return out.to(a.dtype)
+
+
 def mixture(gate_logits: Tensor, expert_out: Tensor) -> Tensor:
     """``out[b] = sum_e softmax(gate_logits[b])[e] * expert_out[e, b]``."""
     acc = opmath_dtype(gate_logits.dtype)

@@ -291,6 +291,39 @@ def _gmm_args(gen, N=8, counts=(3, 0, 5)):
     return randn(N, D, gen=gen), randn(len(counts), D, H, gen=gen), offs
 
 
+def test_grouped_mm_act_unknown_activation(gen):
+    a, b, offs = _gmm_args(gen)
+    _raises(
+        ValueError, "activation must be one of", moefast.grouped_mm_act, a, b, offs, None, "tanh"
+    )
+    with pytest.raises(ValueError, match="activation must be one of"):
+        torch.ops.moefast.grouped_mm_act(a, b, offs, None, "tanh")
+
+
+def test_grouped_mm_act_swiglu_needs_even_width(gen):
+    a, b, offs = _gmm_args(gen)
+    odd = b[:, :, :3].contiguous()
+    _raises(
+        ValueError,
+        "even number of output columns",
+        moefast.grouped_mm_act,
+        a,
+        odd,
+        offs,
+        None,
+        "swiglu",
+    )
+    with pytest.raises(ValueError, match="even number of output columns"):
+        torch.ops.moefast.grouped_mm_act(a, odd, offs, None, "swiglu")
+
+
+def test_grouped_mm_act_checks_like_grouped_mm(gen):
+    a, b, offs = _gmm_args(gen)
+    _raises(ValueError, "grouped_mm_act: b must be 3-D", moefast.grouped_mm_act, a, b[0], offs)
+    with pytest.raises(TypeError, match="grouped_mm_act: a and b must share a dtype"):
+        torch.ops.moefast.grouped_mm_act(a, b.double(), offs, None, "relu")
+
+
 def test_grouped_mm_a_rank(gen):
     a, b, offs = _gmm_args(gen)
     _raises(ValueError, "a must be 2-D", moefast.grouped_mm, a.unsqueeze(0), b, offs)

@@ -97,6 +97,17 @@ def test_gradcheck_grouped_mm_bias(gen):
     _gradcheck(lambda a_, b_, c_: moefast.grouped_mm(a_, b_, offs, c_), (a, b, bias))
 
 
+@pytest.mark.parametrize("activation", ["relu", "gelu", "silu", "swiglu"])
+def test_gradcheck_grouped_mm_act(activation, gen):
+    offs = offs_from_counts([2, 0, 3])
+    a = randn(6, 3, gen=gen, dtype=f64, requires_grad=True)
+    b = randn(3, 3, 4, gen=gen, dtype=f64, requires_grad=True)
+    bias = randn(3, 4, gen=gen, dtype=f64, requires_grad=True)
+    _gradcheck(
+        lambda a_, b_, c_: moefast.grouped_mm_act(a_, b_, offs, c_, activation), (a, b, bias)
+    )
+
+
 def test_gradcheck_mixture(gen):
     gate = randn(3, 4, gen=gen, dtype=f64, requires_grad=True)
     eo = randn(4, 3, 2, gen=gen, dtype=f64, requires_grad=True)

@@ -84,6 +84,16 @@ def _samples(dtype, gen):
             (rg(a.clone()), rg(b.clone()), offs, rg(randn(E, h, gen=gen, dtype=dtype))),
         ),
         (
+            "grouped_mm_act-gelu",
+            _ops.grouped_mm_act.default,
+            (rg(a.clone()), rg(b.clone()), offs, rg(randn(E, h, gen=gen, dtype=dtype)), "gelu"),
+        ),
+        (
+            "grouped_mm_act-swiglu",
+            _ops.grouped_mm_act.default,
+            (rg(a.clone()), rg(randn(E, d, 2 * h, gen=gen, dtype=dtype)), offs, None, "swiglu"),
+        ),
+        (
             "grouped_mm_weight_grad",
             _ops.grouped_mm_weight_grad.default,
             (a, randn(n, h, gen=gen, dtype=dtype), offs),
@@ -126,6 +136,7 @@ _HALF_NAMES = [
     "unpermute-weights",
     "unpermute_weight_grad",
     "grouped_mm-bias",
+    "grouped_mm_act-gelu",
     "mixture_backward",
 ]
 _CASES = [(n, torch.float32) for n in _NAMES] + [(n, torch.bfloat16) for n in _HALF_NAMES]

@@ -215,6 +215,32 @@ def test_grouped_mm_matches_reference(counts, N, dtype, gen):
 
 
 @dtypes
+@pytest.mark.parametrize("activation", ["none", "relu", "gelu", "silu", "swiglu"])
+def test_grouped_mm_act_matches_reference(activation, dtype, gen):
+    """The activation applied to grouped_mm's output (swiglu: silu(gate) * up of the halves),
+    forward and backward, with the bias, an empty expert and an unused tail."""
+    counts, N, K, M = [3, 0, 5, 2], 12, 5, 6
+    E = len(counts)
+    offs = offs_from_counts(counts)
+    a = randn(N, K, gen=gen, dtype=dtype, requires_grad=True)
+    b = randn(E, K, M, gen=gen, dtype=dtype, requires_grad=True)
+    bias = randn(E, M, gen=gen, dtype=dtype, requires_grad=True)
+    out = moefast.grouped_mm_act(a, b, offs, bias, activation)
+    a_ref, b_ref, bias_ref = leaf(a), leaf(b), leaf(bias)
+    out_ref = ref.grouped_mm_act(a_ref, b_ref, offs, bias_ref, activation)
+    cols = M // 2 if activation == "swiglu" else M
+    assert out.shape == (N, cols) and out.dtype == dtype
+    assert_close(out, out_ref)
+    assert torch.count_nonzero(out[int(offs[-1]) :]) == 0  # act(0) = 0 past offs[-1]
+    g_out = randn(N, cols, gen=gen, dtype=dtype)
+    got = grads(out, [a, b, bias], g_out)
+    want = grads(out_ref, [a_ref, b_ref, bias_ref], g_out)
+    for g, w in zip(got, want, strict=True):
+        assert_close(g, w, grad=True)
+    assert torch.count_nonzero(got[1][1]) == 0  # the empty expert's weight gradient
+
+
+@dtypes
 def test_grouped_mm_weight_grad_raw_op(dtype, gen):
     counts, N, K, M = [2, 0, 3, 0], 7, 3, 4
     offs = offs_from_counts(counts)

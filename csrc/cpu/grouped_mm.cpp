@@ -49,30 +49,13 @@ at::Tensor grouped_mm_cpu(const at::Tensor& a, const at::Tensor& b, const at::Te
                           const c10::optional<at::Tensor>& bias_opt) {
   const KernelGuard guard;
   const char* op = "grouped_mm";
-  check_dim(a, 2, op, "a", "[N, K]");
-  check_dim(b, 3, op, "b", "[E, K, M]");
-  check_floating(a, op, "a");
-  TORCH_CHECK_TYPE(a.scalar_type() == b.scalar_type(), "moefast.grouped_mm: a and b must share a ",
-                   "dtype, got ", a.scalar_type(), " and ", b.scalar_type());
-  check_same_device(a, b, op, "a", "b");
-  check_same_device(a, offs, op, "a", "offs");
-  TORCH_CHECK_VALUE(a.size(1) == b.size(1), "moefast.grouped_mm: a [N, K] and b [E, K, M] must ",
-                    "agree on K, got a ", a.sizes(), " and b ", b.sizes());
+  check_grouped_mm_args(a, b, offs, bias_opt, op);
   const int64_t N = a.size(0);
   const int64_t E = b.size(0);
   const int64_t K = a.size(1);
   const int64_t M = b.size(2);
   check_offs(offs, E, N, op);
   const bool has_bias = bias_opt.has_value() && bias_opt->defined();
-  if (has_bias) {
-    const at::Tensor& bias = *bias_opt;
-    TORCH_CHECK_TYPE(bias.scalar_type() == a.scalar_type(), "moefast.grouped_mm: bias must have ",
-                     "the dtype of a, ", a.scalar_type(), ", got ", bias.scalar_type());
-    check_same_device(a, bias, op, "a", "bias");
-    TORCH_CHECK_VALUE(bias.dim() == 2 && bias.size(0) == E && bias.size(1) == M,
-                      "moefast.grouped_mm: bias must be [E, M] = [", E, ", ", M, "], got ",
-                      bias.sizes());
-  }
   at::Tensor out = new_output({N, M}, a.options());
   const at::Tensor o = offs.contiguous();
   const int32_t* ends = o.const_data_ptr<int32_t>();
@@ -119,16 +102,7 @@ at::Tensor grouped_mm_weight_grad_cpu(const at::Tensor& a, const at::Tensor& gra
                                       const at::Tensor& offs) {
   const KernelGuard guard;
   const char* op = "grouped_mm (weight gradient)";
-  check_dim(a, 2, op, "a", "[N, K]");
-  check_dim(grad_out, 2, op, "grad_out", "[N, M]");
-  check_floating(a, op, "a");
-  TORCH_CHECK_TYPE(a.scalar_type() == grad_out.scalar_type(), "moefast.", op,
-                   ": a and grad_out must share a dtype, got ", a.scalar_type(), " and ",
-                   grad_out.scalar_type());
-  TORCH_CHECK_VALUE(a.size(0) == grad_out.size(0), "moefast.", op,
-                    ": a and grad_out must have the same rows, got ", a.sizes(), " and ",
-                    grad_out.sizes());
-  check_dim(offs, 1, op, "offs", "[E]");
+  check_weight_grad_args(a, grad_out, offs, op);
   const int64_t N = a.size(0);
   const int64_t E = offs.size(0);
   const int64_t K = a.size(1);
@@ -151,9 +125,58 @@ at::Tensor grouped_mm_weight_grad_cpu(const at::Tensor& a, const at::Tensor& gra
   return grad_b;
 }
 
+// grouped_mm followed by the activation, in place on each group's rows while they are in cache;
+// swiglu halves the width: out[:, :H] = silu(gate) * up from the [gate | up] product.
+at::Tensor grouped_mm_act_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor& offs,
+                              const c10::optional<at::Tensor>& bias, c10::string_view activation) {
+  const KernelGuard guard;
+  const char* op = "grouped_mm_act";
+  const GemmActivation act = parse_gemm_activation(std::string(activation), op);
+  check_grouped_mm_args(a, b, offs, bias, op);
+  TORCH_CHECK_VALUE(act != GemmActivation::kSwiglu || b.size(2) % 2 == 0, "moefast.", op,
+                    ": swiglu needs an even number of output columns [gate | up], got b ",
+                    b.sizes());
+  at::Tensor pre = grouped_mm_cpu(a, b, offs, bias);
+  const int64_t N = pre.size(0);
+  const int64_t M = pre.size(1);
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(M, 1));
+  switch (act) {
+    case GemmActivation::kNone:
+      return pre;
+    case GemmActivation::kRelu:
+      return pre.relu_();
+    case GemmActivation::kGelu:
+    case GemmActivation::kSilu: {
+      at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+        const KernelGuard inner;
+        at::Tensor rows = pre.narrow(0, begin, end - begin);
+        if (act == GemmActivation::kGelu) {
+          rows.copy_(at::gelu(rows));
+        } else {
+          at::silu_(rows);
+        }
+      });
+      return pre;
+    }
+    case GemmActivation::kSwiglu: {
+      const int64_t H = M / 2;
+      at::Tensor out = new_output({N, H}, pre.options());
+      at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+        const KernelGuard inner;
+        at::Tensor rows = pre.narrow(0, begin, end - begin);
+        at::Tensor dst = out.narrow(0, begin, end - begin);
+        at::mul_out(dst, at::silu(rows.narrow(1, 0, H)), rows.narrow(1, H, H));
+      });
+      return out;
+    }
+  }
+  return pre;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(moefast, CPU, m) {
+  m.impl("grouped_mm_act", &grouped_mm_act_cpu);
   m.impl("grouped_mm", &grouped_mm_cpu);
   m.impl("grouped_mm_weight_grad", &grouped_mm_weight_grad_cpu);
   m.impl("grouped_bias_grad", &grouped_bias_grad_cpu);

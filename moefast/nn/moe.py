@@ -145,8 +145,22 @@ class MoE(nn.Module):
         return F.silu(gate) * up
 
     def _experts(self, xs: Tensor, offs: Tensor) -> Tensor:
-        """The experts' MLPs on rows grouped by expert (``offs``: cumulative row ends)."""
-        return self.w2(self._act(self.w1(xs, offs)), offs)
+        """The experts' MLPs on rows grouped by expert (``offs``: cumulative row ends).
+
+        Without autograd (inference, ``torch.no_grad``) the first GEMM and the activation run as
+        one :func:`moefast.grouped_mm_act`, which on CUDA applies the bias and the activation in
+        the GEMM's epilogue; with autograd they stay apart, so that the backward reuses the
+        stored pre-activation instead of recomputing it.
+        """
+        w1 = self.w1
+        needs_grad = torch.is_grad_enabled() and (
+            xs.requires_grad or any(p.requires_grad for p in w1.parameters())
+        )
+        if needs_grad:
+            h = self._act(w1(xs, offs))
+        else:
+            h = ops.grouped_mm_act(xs, w1.weight, offs, w1.bias, self.activation)
+        return self.w2(h, offs)
 
     def _expert_outputs(self, xs: Tensor, routing: ops.Routing) -> Tensor:
         """Expert outputs of the permuted rows ``xs``; expert parallelism overrides this step."""

@@ -1,0 +1,12 @@
+// The sm_90a gated grouped GEMM for one element type (bf16): the second GEMM of a fused swiglu,
+// D = silu(gate) * (A @ B_e); see grouped_mm_sm90.cuh.
+#include "grouped_mm.cuh"
+#ifdef MOEFAST_WITH_CUTLASS
+#include "grouped_mm_sm90.cuh"
+
+namespace moefast::cuda {
+void grouped_gemm_sm90_gated_bf16(const GroupedGemmArgs& args) {
+  sm90::dispatch_gated<cutlass::bfloat16_t>(args);
+}
+}  // namespace moefast::cuda
+#endif

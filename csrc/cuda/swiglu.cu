@@ -1,0 +1,55 @@
+// silu(gate) * up for h = [gate | up] on CUDA, one pass: the last step of grouped_mm_act's swiglu
+// when it cannot run in the GEMM's epilogue (with a bias). Grid-stride over the N x H outputs;
+// float math for 16-bit inputs.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "common.h"
+#include "cuda_utils.cuh"
+#include "grouped_mm.cuh"
+#include "type_map.cuh"
+
+namespace moefast::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+template <typename T>
+__global__ void swiglu_forward_kernel(const T* __restrict__ h, T* __restrict__ out, int64_t N,
+                                      int64_t H) {
+  using A = acc_t<T>;
+  const int64_t n = N * H;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = i / H;
+    const int64_t c = i - r * H;
+    const A g = to_acc(h[r * 2 * H + c]);
+    const A u = to_acc(h[r * 2 * H + H + c]);
+    out[i] = from_acc<T>(g / (A(1) + exp(-g)) * u);
+  }
+}
+
+unsigned blocks_for(int64_t n) {
+  return static_cast<unsigned>(
+      std::max<int64_t>(1, std::min<int64_t>(grid_size(n, kThreads), 8192)));
+}
+
+}  // namespace
+
+at::Tensor swiglu_cuda(const at::Tensor& h_in) {
+  const c10::cuda::CUDAGuard device_guard(h_in.device());
+  const at::Tensor h = h_in.contiguous();
+  const int64_t N = h.size(0);
+  const int64_t H = h.size(1) / 2;
+  at::Tensor out = new_output({N, H}, h.options());
+  if (N * H == 0) return out;
+  MOEFAST_DISPATCH_FLOATING(h.scalar_type(), "swiglu_cuda", [&] {
+    swiglu_forward_kernel<cuda_t<scalar_t>>
+        <<<blocks_for(N * H), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+            cptr<scalar_t>(h), mptr<scalar_t>(out), N, H);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+}  // namespace moefast::cuda
