@@ -150,6 +150,15 @@ def _group_sizes(N: int, E: int, routing: str) -> list[int]:
     return sizes.tolist()
 
 
+def _backend(gemm: str, a, w, g) -> str:
+    """Which moefast implementation the pass ran on (see moefast._C.grouped_mm_backend)."""
+    if gemm == "fwd":
+        return moefast._C.grouped_mm_backend(a, w)
+    if gemm == "dgrad":
+        return moefast._C.grouped_mm_backend(g, w.transpose(1, 2))
+    return moefast._C.grouped_mm_backend(a, g, weight_grad=True)
+
+
 def _torch_grouped():
     return getattr(torch.nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
@@ -215,6 +224,7 @@ def test_grouped_gemm_goals(benchmark, model, routing, gemm):
         fraction_of_dense=ms["dense"] / ms["moefast"],
         speedup_vs_loop=ms["loop"] / ms["moefast"],
         device=torch.cuda.get_device_name(),
+        backend=_backend(gemm, a, w, g),
     )
     if "torch_grouped_mm" in ms:
         info["speedup_vs_torch_grouped_mm"] = ms["torch_grouped_mm"] / ms["moefast"]
@@ -222,7 +232,7 @@ def test_grouped_gemm_goals(benchmark, model, routing, gemm):
         info["torch_grouped_mm_skipped"] = why_not
     _record(benchmark, ours, **info)
     line = (
-        f"\n{model} {routing} {gemm}: {tflops['moefast']:.0f} TFLOP/s = "
+        f"\n{model} {routing} {gemm} [{info['backend']}]: {tflops['moefast']:.0f} TFLOP/s = "
         f"{info['fraction_of_dense']:.2f} of dense cuBLAS, {info['speedup_vs_loop']:.2f}x the loop"
     )
     if "speedup_vs_torch_grouped_mm" in info:

@@ -5,6 +5,13 @@
 
 #include "common.h"
 
+#ifdef MOEFAST_WITH_CUDA
+namespace moefast::cuda {
+// csrc/cuda/grouped_mm.cu: which grouped GEMM implementation these operands would run on.
+std::string grouped_mm_backend(const at::Tensor& a, const at::Tensor& b, bool weight_grad);
+}  // namespace moefast::cuda
+#endif
+
 #ifndef MOEFAST_VERSION
 #define MOEFAST_VERSION "0.0.0"
 #endif
@@ -21,6 +28,13 @@ PYBIND11_MODULE(_C, m) {
   m.attr("with_cutlass") = true;  // the tensor-core grouped GEMM paths (sm_80 and sm_90a)
 #else
   m.attr("with_cutlass") = false;
+#endif
+#ifdef MOEFAST_WITH_CUDA
+  m.def("grouped_mm_backend", &moefast::cuda::grouped_mm_backend, pybind11::arg("a"),
+        pybind11::arg("b"), pybind11::arg("weight_grad") = false,
+        "The CUDA grouped GEMM implementation that grouped_mm(a, b, ...) (or, with weight_grad, "
+        "its weight gradient with b = grad_out) would run on here: 'sm90', 'sm80', 'sm80_tf32' "
+        "or 'simt'.");
 #endif
   m.attr("router_modes") = pybind11::make_tuple("softmax_topk", "topk_softmax", "hard", "dense");
   m.def(

@@ -197,6 +197,32 @@ def test_non_contiguous_operands(dtype, gen):
     _assert_close(got, want, TOL[dtype], "strided b")
 
 
+def test_backend_selection():
+    """The dispatcher picks the tensor-core kernels where it should, so that the tests above
+    exercise them (and not only the CUDA-core fallback) on this GPU."""
+    major, minor = torch.cuda.get_device_capability()
+    sm = major * 10 + minor
+    tc = moefast._C.with_cutlass and sm >= 80
+    want16 = ("sm90" if sm == 90 else "sm80") if tc else "simt"
+    backend = moefast._C.grouped_mm_backend
+    a = torch.randn(64, 128, device="cuda").bfloat16()
+    b = torch.randn(4, 128, 256, device="cuda").bfloat16()
+    assert backend(a, b) == want16
+    assert backend(a.half(), b.half()) == want16
+    assert backend(a, b.transpose(1, 2).contiguous().transpose(1, 2)) == want16  # data gradient
+    assert backend(a, torch.randn(64, 256, device="cuda").bfloat16(), weight_grad=True) == want16
+    assert backend(a[:, :70], b[:, :70]) == "simt"  # K = 70 is not a multiple of 8
+    previous = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        assert backend(a.float(), b.float()) == "simt"
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert backend(a.float(), b.float()) == ("sm80_tf32" if tc else "simt")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+    assert backend(a.double(), b.double()) == "simt"
+
+
 def test_zero_rows_and_single_expert(gen):
     a = torch.randn(0, 64, generator=gen).bfloat16().cuda()
     b = torch.randn(3, 64, 32, generator=gen).bfloat16().cuda()

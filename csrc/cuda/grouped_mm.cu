@@ -29,36 +29,41 @@ bool aligned16(const void* p) {
   return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 }
 
+enum class Backend { kSm90, kSm80, kSm80Tf32, kSimt };
+
+Backend choose_backend(const GroupedGemmArgs& args, int sm) {
+  if (!grouped_gemm_has_cutlass() || !grouped_gemm_tensor_core_ok(args, sm)) return Backend::kSimt;
+  if (args.dtype == at::kBFloat16 || args.dtype == at::kHalf) {
+    return sm == 90 ? Backend::kSm90 : Backend::kSm80;
+  }
+  return args.dtype == at::kFloat ? Backend::kSm80Tf32 : Backend::kSimt;
+}
+
 // Runs one grouped GEMM on the best implementation for it.
 void run_grouped_gemm(const GroupedGemmArgs& args, int64_t out_cols) {
-  const int sm = compute_capability();
-  bool done = false;
-  if (grouped_gemm_has_cutlass() && grouped_gemm_tensor_core_ok(args, sm)) {
-    done = true;
-    const bool gated = args.gate != nullptr;
-    if (args.dtype == at::kBFloat16) {
-      if (sm == 90) {
-        gated ? grouped_gemm_sm90_gated_bf16(args) : grouped_gemm_sm90_bf16(args);
+  const bool gated = args.gate != nullptr;
+  const bool bf16 = args.dtype == at::kBFloat16;
+  switch (choose_backend(args, compute_capability())) {
+    case Backend::kSm90:
+      if (gated) {
+        bf16 ? grouped_gemm_sm90_gated_bf16(args) : grouped_gemm_sm90_gated_f16(args);
       } else {
-        grouped_gemm_sm80_bf16(args);
+        bf16 ? grouped_gemm_sm90_bf16(args) : grouped_gemm_sm90_f16(args);
       }
-    } else if (args.dtype == at::kHalf) {
-      if (sm == 90) {
-        gated ? grouped_gemm_sm90_gated_f16(args) : grouped_gemm_sm90_f16(args);
-      } else {
-        grouped_gemm_sm80_f16(args);
-      }
-    } else if (args.dtype == at::kFloat) {
+      break;
+    case Backend::kSm80:
+      bf16 ? grouped_gemm_sm80_bf16(args) : grouped_gemm_sm80_f16(args);
+      break;
+    case Backend::kSm80Tf32:
       grouped_gemm_sm80_tf32(args);
-    } else {
-      done = false;
-    }
-    if (done) grouped_gemm_zero_unwritten(args, out_cols);
+      break;
+    case Backend::kSimt:
+      grouped_gemm_simt(args);
+      // The CUDA-core weight gradient writes every slab itself, empty groups included.
+      if (args.kind == GemmKind::kWeightGrad) return;
+      break;
   }
-  if (!done) {
-    grouped_gemm_simt(args);
-    if (args.kind != GemmKind::kWeightGrad) grouped_gemm_zero_unwritten(args, out_cols);
-  }
+  grouped_gemm_zero_unwritten(args, out_cols);
 }
 
 // b as seen by the kernels: row-major per expert (stride(2) == 1) or column-major per expert (the
@@ -217,6 +222,56 @@ bool grouped_gemm_tensor_core_ok(const GroupedGemmArgs& p, int sm) {
       return p.b_stride_m == 1 && p.b_stride_k == p.M;
   }
   return false;
+}
+
+// Which implementation grouped_mm (weight_grad = false: a [N, K] @ b [E, K, M]) or its weight
+// gradient (weight_grad = true: b is grad_out [N, M]) would run on, for the current device:
+// "sm90", "sm80", "sm80_tf32" or "simt". For tests and benchmarks, which should know what they
+// measured.
+std::string grouped_mm_backend(const at::Tensor& a, const at::Tensor& b, bool weight_grad) {
+  TORCH_CHECK_VALUE(a.is_cuda() && b.is_cuda(), "moefast.grouped_mm_backend: a and b must be ",
+                    "CUDA tensors, got ", a.device(), " and ", b.device());
+  TORCH_CHECK_VALUE(a.dim() == 2 && b.dim() == (weight_grad ? 2 : 3),
+                    "moefast.grouped_mm_backend: a must be [N, K] and b ",
+                    weight_grad ? "grad_out [N, M]" : "[E, K, M]", ", got ", a.sizes(), " and ",
+                    b.sizes());
+  const c10::cuda::CUDAGuard device_guard(a.device());
+  GroupedGemmArgs args;
+  args.dtype = a.scalar_type();
+  args.N = a.size(0);
+  args.K = a.size(1);
+  args.E = weight_grad ? 1 : b.size(0);
+  args.M = b.size(-1);
+  const void* fresh = reinterpret_cast<const void*>(uintptr_t{256});  // a new, aligned allocation
+  args.a = a.is_contiguous() ? a.const_data_ptr() : fresh;            // a is made contiguous first
+  args.a_stride_r = args.K;
+  args.a_stride_k = 1;
+  args.b = b.const_data_ptr();
+  if (weight_grad) {
+    args.kind = GemmKind::kWeightGrad;
+    args.b = b.is_contiguous() ? b.const_data_ptr() : fresh;
+    args.b_stride_k = args.M;
+    args.b_stride_m = 1;
+  } else {
+    const at::Tensor bw = weight_operand(b, &args.kind);
+    args.b = bw.const_data_ptr();
+    args.b_stride_e = bw.stride(0);
+    args.b_stride_k = bw.stride(1);
+    args.b_stride_m = bw.stride(2);
+  }
+  args.d = const_cast<void*>(fresh);  // outputs are fresh allocations too
+  args.allow_tf32 = at::globalContext().allowTF32CuBLAS();
+  switch (choose_backend(args, compute_capability())) {
+    case Backend::kSm90:
+      return "sm90";
+    case Backend::kSm80:
+      return "sm80";
+    case Backend::kSm80Tf32:
+      return "sm80_tf32";
+    case Backend::kSimt:
+      break;
+  }
+  return "simt";
 }
 
 bool grouped_gemm_has_cutlass() {
