@@ -223,6 +223,17 @@ def test_backend_selection():
     assert backend(a.double(), b.double()) == "simt"
 
 
+def test_empty_reduction_gives_bias(gen):
+    """K = 0: every product is empty, so the output is the bias (zeros past offs[-1])."""
+    a = torch.randn(40, 0, generator=gen).bfloat16().cuda()
+    b = torch.randn(3, 0, 16, generator=gen).bfloat16().cuda()
+    bias = torch.randn(3, 16, generator=gen).bfloat16()
+    offs = torch.tensor([10, 10, 30], dtype=torch.int32)
+    got = moefast.grouped_mm(a, b, offs.cuda(), bias.cuda()).cpu()
+    want = reference.grouped_mm(a.cpu(), b.cpu(), offs, bias)
+    assert torch.equal(got, want)
+
+
 def test_zero_rows_and_single_expert(gen):
     a = torch.randn(0, 64, generator=gen).bfloat16().cuda()
     b = torch.randn(3, 64, 32, generator=gen).bfloat16().cuda()

@@ -204,7 +204,8 @@ bool grouped_gemm_tensor_core_ok(const GroupedGemmArgs& p, int sm) {
   } else {
     return false;
   }
-  if (p.K % align != 0 || p.M % align != 0) return false;
+  // K = 0 (an empty reduction) would leave the tensor-core kernels' accumulators unset.
+  if (p.K == 0 || p.M == 0 || p.K % align != 0 || p.M % align != 0) return false;
   if (p.a_stride_k != 1 || p.a_stride_r != p.K) return false;
   if (!aligned16(p.a) || !aligned16(p.b) || !aligned16(p.d)) return false;
   if (p.bias != nullptr && !aligned16(p.bias)) return false;
