@@ -83,20 +83,11 @@ at::Tensor weight_operand(const at::Tensor& b, GemmKind* kind) {
   return b.contiguous();
 }
 
-at::Tensor grouped_mm_impl(const at::Tensor& a_in, const at::Tensor& b_in,
-                           const at::Tensor& offs_in, const c10::optional<at::Tensor>& bias_in,
-                           GemmActivation act, const char* op) {
-  check_grouped_mm_args(a_in, b_in, offs_in, bias_in, op);
-  TORCH_CHECK_VALUE(act != GemmActivation::kSwiglu || b_in.size(2) % 2 == 0, "moefast.", op,
-                    ": swiglu needs an even number of output columns [gate | up], got b ",
-                    b_in.sizes());
-  const c10::cuda::CUDAGuard device_guard(a_in.device());
+// The kernel arguments of grouped_mm on a contiguous a [N, K] and b = weight_operand(...) [E, K, M]
+// (bias, offs, output and stream are the caller's).
+GroupedGemmArgs forward_args(const at::Tensor& a, const at::Tensor& b, GemmKind kind) {
   GroupedGemmArgs args;
-  const at::Tensor a = a_in.contiguous();
-  const at::Tensor b = weight_operand(b_in, &args.kind);
-  const at::Tensor offs = offs_in.contiguous();
-  at::Tensor bias;
-  if (bias_in.has_value() && bias_in->defined()) bias = bias_in->contiguous();
+  args.kind = kind;
   args.dtype = a.scalar_type();
   args.E = b.size(0);
   args.N = a.size(0);
@@ -109,9 +100,46 @@ at::Tensor grouped_mm_impl(const at::Tensor& a_in, const at::Tensor& b_in,
   args.b_stride_e = b.stride(0);
   args.b_stride_k = b.stride(1);
   args.b_stride_m = b.stride(2);
+  args.allow_tf32 = at::globalContext().allowTF32CuBLAS();
+  return args;
+}
+
+// The kernel arguments of the weight gradient on contiguous a [N, K] and grad_out [N, M].
+GroupedGemmArgs weight_grad_args(const at::Tensor& a, const at::Tensor& g, int64_t E) {
+  GroupedGemmArgs args;
+  args.kind = GemmKind::kWeightGrad;
+  args.dtype = a.scalar_type();
+  args.E = E;
+  args.N = a.size(0);
+  args.K = a.size(1);
+  args.M = g.size(1);
+  args.a = a.const_data_ptr();
+  args.a_stride_r = args.K;
+  args.a_stride_k = 1;
+  args.b = g.const_data_ptr();
+  args.b_stride_k = args.M;
+  args.b_stride_m = 1;
+  args.allow_tf32 = at::globalContext().allowTF32CuBLAS();
+  return args;
+}
+
+at::Tensor grouped_mm_impl(const at::Tensor& a_in, const at::Tensor& b_in,
+                           const at::Tensor& offs_in, const c10::optional<at::Tensor>& bias_in,
+                           GemmActivation act, const char* op) {
+  check_grouped_mm_args(a_in, b_in, offs_in, bias_in, op);
+  TORCH_CHECK_VALUE(act != GemmActivation::kSwiglu || b_in.size(2) % 2 == 0, "moefast.", op,
+                    ": swiglu needs an even number of output columns [gate | up], got b ",
+                    b_in.sizes());
+  const c10::cuda::CUDAGuard device_guard(a_in.device());
+  GemmKind kind = GemmKind::kForward;
+  const at::Tensor a = a_in.contiguous();
+  const at::Tensor b = weight_operand(b_in, &kind);
+  const at::Tensor offs = offs_in.contiguous();
+  at::Tensor bias;
+  if (bias_in.has_value() && bias_in->defined()) bias = bias_in->contiguous();
+  GroupedGemmArgs args = forward_args(a, b, kind);
   args.bias = bias.defined() ? bias.const_data_ptr() : nullptr;
   args.offs = offs.const_data_ptr<int32_t>();
-  args.allow_tf32 = at::globalContext().allowTF32CuBLAS();
   args.stream = at::cuda::getCurrentCUDAStream();
   if (act == GemmActivation::kSwiglu && !bias.defined() && args.kind == GemmKind::kForward) {
     // Fused swiglu as two grouped GEMMs on the halves of b (strided views, no copy): the gate's
@@ -170,21 +198,8 @@ at::Tensor grouped_mm_weight_grad_cuda(const at::Tensor& a_in, const at::Tensor&
   const at::Tensor a = a_in.contiguous();
   const at::Tensor g = grad_out_in.contiguous();
   const at::Tensor offs = offs_in.contiguous();
-  GroupedGemmArgs args;
-  args.kind = GemmKind::kWeightGrad;
-  args.dtype = a.scalar_type();
-  args.E = offs.size(0);
-  args.N = a.size(0);
-  args.K = a.size(1);
-  args.M = g.size(1);
-  args.a = a.const_data_ptr();
-  args.a_stride_r = args.K;
-  args.a_stride_k = 1;
-  args.b = g.const_data_ptr();
-  args.b_stride_k = args.M;
-  args.b_stride_m = 1;
+  GroupedGemmArgs args = weight_grad_args(a, g, offs.size(0));
   args.offs = offs.const_data_ptr<int32_t>();
-  args.allow_tf32 = at::globalContext().allowTF32CuBLAS();
   args.stream = at::cuda::getCurrentCUDAStream();
   at::Tensor grad_b = new_output({args.E, args.K, args.M}, a.options());
   args.d = grad_b.mutable_data_ptr();
@@ -237,31 +252,19 @@ std::string grouped_mm_backend(const at::Tensor& a, const at::Tensor& b, bool we
                     weight_grad ? "grad_out [N, M]" : "[E, K, M]", ", got ", a.sizes(), " and ",
                     b.sizes());
   const c10::cuda::CUDAGuard device_guard(a.device());
+  // The operands as the ops pass them to the kernels (copies where the ops copy).
+  const at::Tensor ac = a.contiguous();
   GroupedGemmArgs args;
-  args.dtype = a.scalar_type();
-  args.N = a.size(0);
-  args.K = a.size(1);
-  args.E = weight_grad ? 1 : b.size(0);
-  args.M = b.size(-1);
-  const void* fresh = reinterpret_cast<const void*>(uintptr_t{256});  // a new, aligned allocation
-  args.a = a.is_contiguous() ? a.const_data_ptr() : fresh;            // a is made contiguous first
-  args.a_stride_r = args.K;
-  args.a_stride_k = 1;
-  args.b = b.const_data_ptr();
+  at::Tensor bw;
   if (weight_grad) {
-    args.kind = GemmKind::kWeightGrad;
-    args.b = b.is_contiguous() ? b.const_data_ptr() : fresh;
-    args.b_stride_k = args.M;
-    args.b_stride_m = 1;
+    bw = b.contiguous();
+    args = weight_grad_args(ac, bw, 1);
   } else {
-    const at::Tensor bw = weight_operand(b, &args.kind);
-    args.b = bw.const_data_ptr();
-    args.b_stride_e = bw.stride(0);
-    args.b_stride_k = bw.stride(1);
-    args.b_stride_m = bw.stride(2);
+    GemmKind kind = GemmKind::kForward;
+    bw = weight_operand(b, &kind);
+    args = forward_args(ac, bw, kind);
   }
-  args.d = const_cast<void*>(fresh);  // outputs are fresh allocations too
-  args.allow_tf32 = at::globalContext().allowTF32CuBLAS();
+  args.d = reinterpret_cast<void*>(uintptr_t{256});  // the output: a fresh, aligned allocation
   switch (choose_backend(args, compute_capability())) {
     case Backend::kSm90:
       return "sm90";
