@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <limits>
 #include <string>
+#include <vector>
 
 #include "moefast/index_math.h"
 
@@ -206,6 +207,29 @@ inline void check_mixture_backward_args(const at::Tensor& grad_out_in, const at:
   TORCH_CHECK_VALUE(grad_out_in.dim() == 2 && grad_out_in.size(0) == gate_in.size(0) &&
                         grad_out_in.size(1) == expert_out_in.size(2),
                     "moefast.", op, ": grad_out must be [B, C], got ", grad_out_in.sizes());
+}
+
+// swiglu: h [..., 2H] = [gate | up] -> [..., H].
+inline void check_swiglu_args(const at::Tensor& h, const char* op) {
+  TORCH_CHECK_VALUE(h.dim() >= 1, "moefast.", op, ": h must have at least one dimension [..., 2H]");
+  check_floating(h, op, "h");
+  TORCH_CHECK_VALUE(h.size(-1) % 2 == 0, "moefast.", op,
+                    ": the last dimension of h must be even, [gate | up], got shape ", h.sizes());
+}
+
+inline void check_swiglu_backward_args(const at::Tensor& grad_out, const at::Tensor& h) {
+  const char* op = "swiglu_backward";
+  check_swiglu_args(h, op);
+  check_floating(grad_out, op, "grad_out");
+  TORCH_CHECK_TYPE(grad_out.scalar_type() == h.scalar_type(), "moefast.", op,
+                   ": grad_out and h must share a dtype, got ", grad_out.scalar_type(), " and ",
+                   h.scalar_type());
+  check_same_device(grad_out, h, op, "grad_out", "h");
+  std::vector<int64_t> want = h.sizes().vec();
+  want.back() /= 2;
+  TORCH_CHECK_VALUE(grad_out.sizes() == at::IntArrayRef(want), "moefast.", op,
+                    ": grad_out must have the shape of swiglu(h), ", at::IntArrayRef(want),
+                    ", got ", grad_out.sizes());
 }
 
 // The epilogue activations of grouped_mm_act. kSwiglu reads a [gate | up] output of width 2H and

@@ -23,6 +23,10 @@ TORCH_LIBRARY(moefast, m) {
   // grouped_mm followed by an activation (none, relu, gelu, silu; swiglu halves M: [gate | up] ->
   // silu(gate) * up), fused into the GEMM epilogue on CUDA.
   m.def("grouped_mm_act(Tensor a, Tensor b, Tensor offs, Tensor? bias, str activation) -> Tensor");
+  // h [..., 2H] = [gate | up] -> silu(gate) * up [..., H].
+  m.def("swiglu(Tensor h) -> Tensor");
+  // grad_out [..., H], h [..., 2H] -> grad_h [..., 2H] (both halves, in h's layout).
+  m.def("swiglu_backward(Tensor grad_out, Tensor h) -> Tensor");
   // a [N, K], grad_out [N, M], offs [E] -> grad_b [E, K, M] = a_e^T @ grad_out_e per group.
   m.def("grouped_mm_weight_grad(Tensor a, Tensor grad_out, Tensor offs) -> Tensor");
   // grad_out [N, M], offs [E] -> grad_bias [E, M], the sum of each group's rows.

@@ -28,6 +28,7 @@ from .ops import (
     permute,
     route,
     routing_from_ids,
+    swiglu,
     unpermute,
     z_loss,
 )
@@ -46,6 +47,7 @@ __all__ = [
     "permute",
     "route",
     "routing_from_ids",
+    "swiglu",
     "unpermute",
     "z_loss",
 ]

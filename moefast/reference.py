@@ -152,6 +152,13 @@ def grouped_mm_act(
     return out.to(a.dtype)
 
 
+def swiglu(h: Tensor) -> Tensor:
+    """``silu(gate) * up`` for ``h = [gate | up]`` along the last dimension, in opmath."""
+    acc = opmath_dtype(h.dtype)
+    gate, up = h.to(acc).chunk(2, dim=-1)
+    return (torch.nn.functional.silu(gate) * up).to(h.dtype)
+
+
 def mixture(gate_logits: Tensor, expert_out: Tensor) -> Tensor:
     """``out[b] = sum_e softmax(gate_logits[b])[e] * expert_out[e, b]``."""
     acc = opmath_dtype(gate_logits.dtype)

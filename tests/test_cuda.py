@@ -141,6 +141,20 @@ def test_mixture_matches_cpu(dtype, B, E, C):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 2), (67, 2 * 1000), (3, 130, 2 * 17), (0, 8)])
+def test_swiglu_matches_cpu(dtype, shape):
+    gen = _gen(sum(shape))
+    h = (torch.randn(*shape, generator=gen) * 3).to(dtype)
+    hc, hg = h.clone().requires_grad_(), h.cuda().requires_grad_()
+    oc, og = moefast.swiglu(hc), moefast.swiglu(hg)
+    _close(og, oc, dtype)
+    g = torch.randn(*oc.shape, generator=gen).to(dtype)
+    oc.backward(g)
+    og.backward(g.cuda())
+    _close(hg.grad, hc.grad, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_grouped_bias_grad_matches_cpu(dtype):
     gen = _gen(5)
     grad = torch.randn(301, 77, generator=gen).to(dtype)

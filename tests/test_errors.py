@@ -796,3 +796,23 @@ def test_errors_are_value_or_type_errors(gen):
     assert type(info.value) is not RuntimeError
     with pytest.raises(TypeError):
         _ops.grouped_mm(a, b, offs.long())
+
+
+# ----------------------------------------------------------------------------- swiglu
+
+
+def test_swiglu_bad_inputs(gen):
+    h = randn(4, 6, gen=gen)
+    _raises(ValueError, "last dimension of h must be even", moefast.swiglu, h[:, :5])
+    _raises(ValueError, "last dimension of h must be even", moefast.swiglu, torch.tensor(1.0))
+    _raises(TypeError, "h must be float32", moefast.swiglu, torch.ones(4, 6, dtype=torch.int32))
+    _raises(TypeError, "h must be a torch.Tensor", moefast.swiglu, [[1.0, 2.0]])
+    # The raw ops check in C++ too.
+    _raises(ValueError, "last dimension of h must be even", _ops.swiglu, h[:, :5])
+    _raises(ValueError, "at least one dimension", _ops.swiglu, torch.tensor(1.0))
+    _raises(TypeError, "h must be float32", _ops.swiglu, torch.ones(4, 6, dtype=torch.int64))
+    g = randn(4, 3, gen=gen)
+    _raises(ValueError, "grad_out must have the shape of swiglu", _ops.swiglu_backward, g[:, :2], h)
+    _raises(ValueError, "grad_out must have the shape of swiglu", _ops.swiglu_backward, g, h[:2])
+    _raises(TypeError, "grad_out and h must share a dtype", _ops.swiglu_backward, g.double(), h)
+    _raises(ValueError, "last dimension of h must be even", _ops.swiglu_backward, g, h[:, :5])

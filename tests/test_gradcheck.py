@@ -108,6 +108,12 @@ def test_gradcheck_grouped_mm_act(activation, gen):
     )
 
 
+@pytest.mark.parametrize("shape", [(5, 2 * 3), (2, 3, 2 * 9)])
+def test_gradcheck_swiglu(shape, gen):
+    h = randn(*shape, gen=gen, dtype=f64, requires_grad=True, scale=2.0)
+    _gradcheck(moefast.swiglu, (h,))
+
+
 def test_gradcheck_mixture(gen):
     gate = randn(3, 4, gen=gen, dtype=f64, requires_grad=True)
     eo = randn(4, 3, 2, gen=gen, dtype=f64, requires_grad=True)

@@ -103,6 +103,13 @@ def _samples(dtype, gen):
             _ops.grouped_bias_grad.default,
             (randn(n, h, gen=gen, dtype=dtype), offs),
         ),
+        ("swiglu", _ops.swiglu.default, (rg(randn(T, 2 * h, gen=gen, dtype=dtype)),)),
+        ("swiglu-3d", _ops.swiglu.default, (rg(randn(2, T, 2 * h, gen=gen, dtype=dtype)),)),
+        (
+            "swiglu_backward",
+            _ops.swiglu_backward.default,
+            (randn(T, h, gen=gen, dtype=dtype), randn(T, 2 * h, gen=gen, dtype=dtype)),
+        ),
         ("mixture", _ops.mixture.default, (rg(gate.clone()), rg(eo.clone()))),
         (
             "mixture_backward",
@@ -138,6 +145,8 @@ _HALF_NAMES = [
     "grouped_mm-bias",
     "grouped_mm_act-gelu",
     "mixture_backward",
+    "swiglu",
+    "swiglu_backward",
 ]
 _CASES = [(n, torch.float32) for n in _NAMES] + [(n, torch.bfloat16) for n in _HALF_NAMES]
 

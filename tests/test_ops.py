@@ -334,6 +334,101 @@ def test_grouped_mm_autocast(dtype, gen):
     assert torch.count_nonzero(ga[7:]) == 0 and torch.count_nonzero(gb[1]) == 0
 
 
+# ----------------------------------------------------------------------------- swiglu
+
+
+@dtypes
+@pytest.mark.parametrize(
+    "shape",
+    [(7, 2 * 13), (3, 5, 2 * 8), (2 * 1,), (300, 2 * 67), (4, 2 * 1024)],
+    ids=lambda s: "x".join(map(str, s)),
+)
+def test_swiglu_matches_reference(shape, dtype, gen):
+    """Widths that are and are not multiples of the 8-lane vector loop; leading shapes of any rank;
+    gates large enough (scale 4) to reach both tails of the sigmoid."""
+    h = randn(*shape, gen=gen, dtype=dtype, scale=4.0, requires_grad=True)
+    out = moefast.swiglu(h)
+    h_ref = leaf(h)
+    out_ref = ref.swiglu(h_ref)
+    assert out.shape == (*shape[:-1], shape[-1] // 2) and out.dtype == dtype
+    assert_close(out, out_ref)
+    g = randn(*out.shape, gen=gen, dtype=dtype)
+    (gh,) = grads(out, [h], g)
+    (gh_ref,) = grads(out_ref, [h_ref], g)
+    assert_close(gh, gh_ref, grad=True)
+
+
+@dtypes
+def test_swiglu_backward_raw_op(dtype, gen):
+    h = randn(9, 2 * 11, gen=gen, dtype=dtype, scale=3.0)
+    g = randn(9, 11, gen=gen, dtype=dtype)
+    h_ref = leaf(h)
+    (expected,) = grads(ref.swiglu(h_ref), [h_ref], g)
+    got = _ops.swiglu_backward(g, h)
+    assert got.shape == h.shape and got.dtype == dtype
+    assert_close(got, expected, grad=True)
+
+
+def test_swiglu_extreme_gates():
+    """Saturated sigmoid on both sides, zero, and non-finite values behave like torch's silu."""
+    gate = torch.tensor([-200.0, -90.0, -88.0, -20.0, -1e-3, 0.0, 1e-3, 20.0, 88.0, 90.0, 200.0])
+    gate = torch.cat([gate, torch.tensor([float("nan"), float("inf"), 3.0, -3.0, 1.0])])
+    up = torch.linspace(-2.0, 2.0, gate.numel())
+    for dtype in (torch.float32, torch.bfloat16):
+        h = torch.cat([gate, up]).to(dtype).repeat(3, 1).requires_grad_(True)
+        out = moefast.swiglu(h)
+        h_ref = leaf(h)
+        out_ref = ref.swiglu(h_ref)
+        assert_close(out, out_ref)
+        g = torch.ones_like(out)
+        (gh,) = grads(out, [h], g)
+        (gh_ref,) = grads(out_ref, [h_ref], g)
+        finite = torch.isfinite(gh_ref)
+        assert_close(gh[finite], gh_ref[finite], grad=True)
+        assert torch.isnan(gh[:, gate.numel() - 5]).all()  # a NaN gate poisons its gradients
+
+
+def test_swiglu_zero_rows_and_zero_width(gen):
+    for shape in [(0, 8), (5, 0), (0, 0), (2, 0, 6)]:
+        h = randn(*shape, gen=gen, requires_grad=True)
+        out = moefast.swiglu(h)
+        assert out.shape == (*shape[:-1], shape[-1] // 2)
+        out.sum().backward()
+        assert h.grad.shape == h.shape and not h.grad.isnan().any()
+
+
+@pytest.mark.parametrize("how", ["transposed", "strided", "expanded"])
+def test_swiglu_non_contiguous(how, gen):
+    base = randn(12, 2 * 9, gen=gen, scale=2.0)
+    if how == "transposed":
+        h = randn(2 * 9, 12, gen=gen, scale=2.0).t()
+    elif how == "strided":
+        h = randn(12, 2 * 18, gen=gen, scale=2.0)[:, ::2]
+    else:
+        h = base[:1].expand(12, -1)
+    assert not h.is_contiguous()
+    h = h.requires_grad_(True) if h.is_leaf else h.detach().requires_grad_(True)
+    out = moefast.swiglu(h)
+    h_ref = leaf(h)
+    out_ref = ref.swiglu(h_ref)
+    assert_close(out, out_ref)
+    g = randn(*out.shape, gen=gen)
+    (gh,) = grads(out, [h], g)
+    (gh_ref,) = grads(out_ref, [h_ref], g)
+    assert_close(gh, gh_ref, grad=True)
+
+
+def test_swiglu_larger_parallel(gen):
+    """Enough rows for the kernel to split them over threads, forward and backward."""
+    h = randn(4000, 2 * 40, gen=gen, scale=3.0, requires_grad=True)
+    out = moefast.swiglu(h)
+    h_ref = leaf(h)
+    out_ref = ref.swiglu(h_ref)
+    assert_close(out, out_ref)
+    g = randn(*out.shape, gen=gen)
+    assert_close(grads(out, [h], g)[0], grads(out_ref, [h_ref], g)[0], grad=True)
+
+
 # ----------------------------------------------------------------------------- mixture
 
 

@@ -10,6 +10,10 @@
 #include "common.h"
 
 namespace moefast {
+
+// csrc/cpu/swiglu.cpp
+at::Tensor swiglu_cpu_impl(const at::Tensor& h);
+
 namespace {
 
 // Checks offs against E groups and N rows: int32, 1-D, non-decreasing, within [0, N].
@@ -158,17 +162,8 @@ at::Tensor grouped_mm_act_cpu(const at::Tensor& a, const at::Tensor& b, const at
       });
       return pre;
     }
-    case GemmActivation::kSwiglu: {
-      const int64_t H = M / 2;
-      at::Tensor out = new_output({N, H}, pre.options());
-      at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
-        const KernelGuard inner;
-        at::Tensor rows = pre.narrow(0, begin, end - begin);
-        at::Tensor dst = out.narrow(0, begin, end - begin);
-        at::mul_out(dst, at::silu(rows.narrow(1, 0, H)), rows.narrow(1, H, H));
-      });
-      return out;
-    }
+    case GemmActivation::kSwiglu:
+      return swiglu_cpu_impl(pre);
   }
   return pre;
 }

@@ -141,8 +141,7 @@ class MoE(nn.Module):
             return F.relu(h)
         if self.activation == "silu":
             return F.silu(h)
-        gate, up = h.chunk(2, dim=-1)
-        return F.silu(gate) * up
+        return ops.swiglu(h)
 
     def _experts(self, xs: Tensor, offs: Tensor) -> Tensor:
         """The experts' MLPs on rows grouped by expert (``offs``: cumulative row ends).

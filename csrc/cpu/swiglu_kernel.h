@@ -1,0 +1,247 @@
+// SwiGLU on the CPU, one pass per direction: h = [gate | up] (rows of width 2H) ->
+// out = silu(gate) * up (rows of width H), and its backward, which writes both halves of the
+// gradient in place of the [gate | up] layout, so nothing is concatenated afterwards.
+//
+// Two implementations of the same row loop:
+//   - a portable one (any element type, math in acc_t), and
+//   - an x86-64 AVX2 + FMA one for float32 and bfloat16 (8 lanes, float math), compiled with a
+//     function-level target attribute so that the rest of the extension keeps the baseline ISA;
+//     the caller picks it at run time with cpu_has_avx2_fma().
+// Framework-free (no ATen), so that the native tests check both against a double reference.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define MOEFAST_SWIGLU_X86 1
+#define MOEFAST_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#else
+#define MOEFAST_SWIGLU_X86 0
+#endif
+
+namespace moefast::cpu {
+
+// bfloat16 as its bits, with the conversions torch uses (round to nearest even, NaN stays NaN).
+struct Bf16 {
+  uint16_t bits;
+  Bf16() = default;
+  explicit Bf16(float f) : bits(from_float(f)) {}
+  operator float() const {
+    const uint32_t u = static_cast<uint32_t>(bits) << 16;
+    float f;
+    std::memcpy(&f, &u, sizeof f);
+    return f;
+  }
+  static uint16_t from_float(float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;  // NaN
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return static_cast<uint16_t>(u >> 16);
+  }
+};
+static_assert(sizeof(Bf16) == 2, "Bf16 must be two bytes, like c10::BFloat16");
+
+// Rows per parallel chunk: about 16k output elements.
+inline int64_t swiglu_grain(int64_t H) {
+  return std::max<int64_t>(1, 16384 / std::max<int64_t>(H, 1));
+}
+
+// ---------------------------------------------------------------------------- portable rows
+
+template <typename acc_t>
+inline acc_t swiglu_sigmoid(acc_t x) {
+  return acc_t(1) / (acc_t(1) + std::exp(-x));
+}
+
+template <typename scalar_t, typename acc_t>
+void swiglu_forward_rows(const scalar_t* h, scalar_t* out, int64_t begin, int64_t end, int64_t H,
+                         int64_t c0 = 0) {
+  for (int64_t r = begin; r < end; ++r) {
+    const scalar_t* gate = h + r * 2 * H;
+    const scalar_t* up = gate + H;
+    scalar_t* o = out + r * H;
+    for (int64_t c = c0; c < H; ++c) {
+      const acc_t g = static_cast<acc_t>(gate[c]);
+      const acc_t u = static_cast<acc_t>(up[c]);
+      o[c] = static_cast<scalar_t>(g * swiglu_sigmoid(g) * u);
+    }
+  }
+}
+
+// d gate = grad * up * s * (1 + gate * (1 - s)), d up = grad * gate * s, s = sigmoid(gate).
+template <typename scalar_t, typename acc_t>
+void swiglu_backward_rows(const scalar_t* grad, const scalar_t* h, scalar_t* dh, int64_t begin,
+                          int64_t end, int64_t H, int64_t c0 = 0) {
+  for (int64_t r = begin; r < end; ++r) {
+    const scalar_t* gate = h + r * 2 * H;
+    const scalar_t* up = gate + H;
+    const scalar_t* go = grad + r * H;
+    scalar_t* dgate = dh + r * 2 * H;
+    scalar_t* dup = dgate + H;
+    for (int64_t c = c0; c < H; ++c) {
+      const acc_t g = static_cast<acc_t>(gate[c]);
+      const acc_t u = static_cast<acc_t>(up[c]);
+      const acc_t d = static_cast<acc_t>(go[c]);
+      const acc_t s = swiglu_sigmoid(g);
+      const acc_t ds = d * s;
+      dgate[c] = static_cast<scalar_t>(ds * u * (acc_t(1) + g * (acc_t(1) - s)));
+      dup[c] = static_cast<scalar_t>(ds * g);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------- AVX2 rows
+
+inline bool cpu_has_avx2_fma() {
+#if MOEFAST_SWIGLU_X86
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+#else
+  return false;
+#endif
+}
+
+#if MOEFAST_SWIGLU_X86
+namespace avx2 {
+
+// exp(x) for 8 floats: x = n ln2 + r with |r| <= ln2 / 2, exp(r) by a degree-7 polynomial
+// (Cephes' expf coefficients, about 1 ulp), 2^n put into the exponent bits. Inputs are clamped
+// to [-88.38, 88.38]: exp underflows to 0 below and may round to inf at the top, which is what
+// the sigmoid below needs (1 / (1 + inf) = 0).
+MOEFAST_TARGET_AVX2 inline __m256 exp(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-88.3762626647949f)),
+                    _mm256_set1_ps(88.3762626647949f));
+  __m256 n = _mm256_floor_ps(
+      _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+  const __m256i e =
+      _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+MOEFAST_TARGET_AVX2 inline __m256 sigmoid(__m256 g) {
+  const __m256 one = _mm256_set1_ps(1.0f);
+  return _mm256_div_ps(one, _mm256_add_ps(one, exp(_mm256_sub_ps(_mm256_setzero_ps(), g))));
+}
+
+MOEFAST_TARGET_AVX2 inline __m256 load(const float* p) {
+  return _mm256_loadu_ps(p);
+}
+MOEFAST_TARGET_AVX2 inline void store(float* p, __m256 v) {
+  _mm256_storeu_ps(p, v);
+}
+
+MOEFAST_TARGET_AVX2 inline __m256 load(const Bf16* p) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+}
+
+// Round to nearest even, NaN -> 0x7fc0, as Bf16::from_float.
+MOEFAST_TARGET_AVX2 inline void store(Bf16* p, __m256 v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  __m256i r =
+      _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb)), 16);
+  const __m256 nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
+  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), _mm256_castps_si256(nan));
+  // Lanes hold 16-bit values in 32-bit slots: pack (per 128-bit half) and gather the halves.
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0xD8);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+}
+
+template <typename T>
+MOEFAST_TARGET_AVX2 void forward_rows(const T* h, T* out, int64_t begin, int64_t end, int64_t H) {
+  const int64_t H8 = H - H % 8;
+  for (int64_t r = begin; r < end; ++r) {
+    const T* gate = h + r * 2 * H;
+    const T* up = gate + H;
+    T* o = out + r * H;
+    for (int64_t c = 0; c < H8; c += 8) {
+      const __m256 g = load(gate + c);
+      store(o + c, _mm256_mul_ps(_mm256_mul_ps(g, sigmoid(g)), load(up + c)));
+    }
+  }
+  if (H8 < H) swiglu_forward_rows<T, float>(h, out, begin, end, H, H8);
+}
+
+template <typename T>
+MOEFAST_TARGET_AVX2 void backward_rows(const T* grad, const T* h, T* dh, int64_t begin, int64_t end,
+                                       int64_t H) {
+  const int64_t H8 = H - H % 8;
+  const __m256 one = _mm256_set1_ps(1.0f);
+  for (int64_t r = begin; r < end; ++r) {
+    const T* gate = h + r * 2 * H;
+    const T* up = gate + H;
+    const T* go = grad + r * H;
+    T* dgate = dh + r * 2 * H;
+    T* dup = dgate + H;
+    for (int64_t c = 0; c < H8; c += 8) {
+      const __m256 g = load(gate + c);
+      const __m256 s = sigmoid(g);
+      const __m256 ds = _mm256_mul_ps(load(go + c), s);
+      // 1 + g (1 - s) = g - g s + 1
+      const __m256 t = _mm256_fnmadd_ps(g, s, _mm256_add_ps(g, one));
+      store(dgate + c, _mm256_mul_ps(_mm256_mul_ps(ds, load(up + c)), t));
+      store(dup + c, _mm256_mul_ps(ds, g));
+    }
+  }
+  if (H8 < H) swiglu_backward_rows<T, float>(grad, h, dh, begin, end, H, H8);
+}
+
+}  // namespace avx2
+#endif
+
+// ---------------------------------------------------------------------------- entry points
+
+// h [N, 2H] -> out [N, H], rows contiguous. simd: use the AVX2 rows (only for float and Bf16,
+// and only where cpu_has_avx2_fma()).
+template <typename scalar_t, typename acc_t, typename ParallelFor>
+void swiglu_forward(const scalar_t* h, scalar_t* out, int64_t N, int64_t H, bool simd,
+                    ParallelFor pf) {
+  pf(0, N, swiglu_grain(H), [&](int64_t begin, int64_t end) {
+#if MOEFAST_SWIGLU_X86
+    if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, Bf16>) {
+      if (simd) {
+        avx2::forward_rows<scalar_t>(h, out, begin, end, H);
+        return;
+      }
+    }
+#endif
+    (void)simd;
+    swiglu_forward_rows<scalar_t, acc_t>(h, out, begin, end, H);
+  });
+}
+
+// grad [N, H], h [N, 2H] -> dh [N, 2H].
+template <typename scalar_t, typename acc_t, typename ParallelFor>
+void swiglu_backward(const scalar_t* grad, const scalar_t* h, scalar_t* dh, int64_t N, int64_t H,
+                     bool simd, ParallelFor pf) {
+  pf(0, N, swiglu_grain(H), [&](int64_t begin, int64_t end) {
+#if MOEFAST_SWIGLU_X86
+    if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, Bf16>) {
+      if (simd) {
+        avx2::backward_rows<scalar_t>(grad, h, dh, begin, end, H);
+        return;
+      }
+    }
+#endif
+    (void)simd;
+    swiglu_backward_rows<scalar_t, acc_t>(grad, h, dh, begin, end, H);
+  });
+}
+
+}  // namespace moefast::cpu

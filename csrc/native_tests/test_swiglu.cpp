@@ -1,0 +1,177 @@
+// Tests of csrc/cpu/swiglu_kernel.h: SwiGLU forward and backward, the portable rows and the AVX2
+// rows (where the CPU has AVX2 and FMA) against a double reference; the bfloat16 conversions.
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "swiglu_kernel.h"
+#include "test_util.h"
+
+using namespace moefast;
+using namespace moefast::test;
+using moefast::cpu::Bf16;
+
+namespace {
+
+#if MOEFAST_SWIGLU_X86
+MOEFAST_TARGET_AVX2 void store8(const float* in, Bf16* out) {
+  cpu::avx2::store(out, _mm256_loadu_ps(in));
+}
+#endif
+
+double sigmoid(double x) {
+  return 1.0 / (1.0 + std::exp(-x));
+}
+
+// Error relative to `scale` (the size of the terms that make `want`, so that a result that cancels
+// to near zero is not held to a tighter bound than its inputs allow), with a floor.
+double rel_err(double got, double want, double scale) {
+  return std::abs(got - want) / std::max(scale, 1e-3);
+}
+double rel_err(double got, double want) {
+  return rel_err(got, want, std::abs(want));
+}
+
+template <typename S>
+double tol_for() {
+  return std::is_same_v<S, Bf16> ? 1.0 / 128 : 4e-6;  // 16-bit output: 2^-8 relative, twice
+}
+
+template <typename S, typename PF>
+void check_case(int64_t N, int64_t H, bool simd, PF pf, uint32_t seed) {
+  Rng rng(seed);
+  const auto h = uniform<S>(rng, static_cast<size_t>(N * 2 * H), -9.0, 9.0);
+  const auto g = uniform<S>(rng, static_cast<size_t>(N * H), -2.0, 2.0);
+  std::vector<S> out(static_cast<size_t>(N * H), S(-77.0f));
+  std::vector<S> dh(static_cast<size_t>(N * 2 * H), S(-77.0f));
+  cpu::swiglu_forward<S, float>(h.data(), out.data(), N, H, simd, pf);
+  cpu::swiglu_backward<S, float>(g.data(), h.data(), dh.data(), N, H, simd, pf);
+  double worst_fwd = 0, worst_bwd = 0;
+  for (int64_t r = 0; r < N; ++r) {
+    for (int64_t c = 0; c < H; ++c) {
+      const double gate = static_cast<float>(h[r * 2 * H + c]);
+      const double up = static_cast<float>(h[r * 2 * H + H + c]);
+      const double go = static_cast<float>(g[r * H + c]);
+      const double s = sigmoid(gate);
+      worst_fwd = std::max(worst_fwd, rel_err(static_cast<float>(out[r * H + c]), gate * s * up));
+      const double dgate = go * up * s * (1 + gate * (1 - s));
+      const double dgate_scale = std::abs(go * up * s) * (1 + std::abs(gate * (1 - s)));
+      worst_bwd =
+          std::max(worst_bwd, rel_err(static_cast<float>(dh[r * 2 * H + c]), dgate, dgate_scale));
+      worst_bwd =
+          std::max(worst_bwd, rel_err(static_cast<float>(dh[r * 2 * H + H + c]), go * gate * s));
+    }
+  }
+  CHECK(worst_fwd <= tol_for<S>());
+  CHECK(worst_bwd <= tol_for<S>());
+  if (worst_fwd > tol_for<S>() || worst_bwd > tol_for<S>()) {
+    std::printf("  N=%lld H=%lld simd=%d: worst forward %.3g, backward %.3g\n",
+                static_cast<long long>(N), static_cast<long long>(H), simd ? 1 : 0, worst_fwd,
+                worst_bwd);
+  }
+}
+
+template <typename S>
+void check_all_shapes(bool simd) {
+  uint32_t seed = 1;
+  for (int64_t H : {1, 7, 8, 9, 16, 33, 64, 257}) {
+    for (int64_t N : {1, 5, 40}) {
+      check_case<S>(N, H, simd, SerialFor{}, seed++);
+      check_case<S>(N, H, simd, ThreadedFor{}, seed++);
+    }
+  }
+}
+
+}  // namespace
+
+MOEFAST_TEST(portable_float_matches_double_reference) {
+  check_all_shapes<float>(false);
+}
+MOEFAST_TEST(portable_bf16_matches_double_reference) {
+  check_all_shapes<Bf16>(false);
+}
+
+MOEFAST_TEST(avx2_float_matches_double_reference) {
+  if (!cpu::cpu_has_avx2_fma()) {
+    std::printf("  (no AVX2 + FMA on this CPU: skipped)\n");
+    return;
+  }
+  check_all_shapes<float>(true);
+}
+
+MOEFAST_TEST(avx2_bf16_matches_double_reference) {
+  if (!cpu::cpu_has_avx2_fma()) return;
+  check_all_shapes<Bf16>(true);
+}
+
+// The AVX2 and portable rows agree to a few ulp over the whole range of the gate, including where
+// the sigmoid saturates and where exp over- or underflows.
+MOEFAST_TEST(avx2_matches_portable_over_the_gate_range) {
+  if (!cpu::cpu_has_avx2_fma()) return;
+  const int64_t H = 4001;
+  std::vector<float> h(static_cast<size_t>(2 * H)), g(static_cast<size_t>(H), 0.75f);
+  for (int64_t c = 0; c < H; ++c) {
+    h[c] = -200.0f + 400.0f * static_cast<float>(c) / static_cast<float>(H - 1);
+    h[H + c] = 1.5f;
+  }
+  std::vector<float> o1(H), o2(H), d1(2 * H), d2(2 * H);
+  cpu::swiglu_forward<float, float>(h.data(), o1.data(), 1, H, true, SerialFor{});
+  cpu::swiglu_forward<float, float>(h.data(), o2.data(), 1, H, false, SerialFor{});
+  cpu::swiglu_backward<float, float>(g.data(), h.data(), d1.data(), 1, H, true, SerialFor{});
+  cpu::swiglu_backward<float, float>(g.data(), h.data(), d2.data(), 1, H, false, SerialFor{});
+  for (int64_t c = 0; c < H; ++c) {
+    CHECK(std::isfinite(o1[c]) && std::isfinite(d1[c]) && std::isfinite(d1[H + c]));
+    CHECK_NEAR(o1[c], o2[c], 1e-6 * std::max(1.0f, std::abs(o2[c])));
+    CHECK_NEAR(d1[c], d2[c], 1e-6 * std::max(1.0f, std::abs(d2[c])));
+    CHECK_NEAR(d1[H + c], d2[H + c], 1e-6 * std::max(1.0f, std::abs(d2[H + c])));
+  }
+}
+
+MOEFAST_TEST(nan_gate_gives_nan) {
+  for (bool simd : {false, true}) {
+    if (simd && !cpu::cpu_has_avx2_fma()) continue;
+    const float nan = std::numeric_limits<float>::quiet_NaN();
+    std::vector<float> h(16, 1.0f), g(8, 1.0f), o(8), d(16);
+    h[3] = nan;
+    cpu::swiglu_forward<float, float>(h.data(), o.data(), 1, 8, simd, SerialFor{});
+    cpu::swiglu_backward<float, float>(g.data(), h.data(), d.data(), 1, 8, simd, SerialFor{});
+    CHECK(std::isnan(o[3]) && std::isnan(d[3]) && std::isnan(d[8 + 3]));
+    CHECK(!std::isnan(o[2]) && !std::isnan(d[2]));
+  }
+}
+
+// Bf16 rounds to nearest even like c10::BFloat16, and the AVX2 store rounds exactly like it.
+MOEFAST_TEST(bf16_rounding) {
+  auto bits = [](float f) { return Bf16(f).bits; };
+  CHECK_EQ(bits(1.0f), uint16_t{0x3f80});
+  uint32_t u = 0x3f808000u;  // exactly halfway between 0x3f80 and 0x3f81: ties to even (0x3f80)
+  float f;
+  std::memcpy(&f, &u, 4);
+  CHECK_EQ(bits(f), uint16_t{0x3f80});
+  u = 0x3f818000u;  // halfway between 0x3f81 and 0x3f82: ties to even (0x3f82)
+  std::memcpy(&f, &u, 4);
+  CHECK_EQ(bits(f), uint16_t{0x3f82});
+  CHECK_EQ(bits(std::numeric_limits<float>::quiet_NaN()), uint16_t{0x7fc0});
+  CHECK_EQ(bits(std::numeric_limits<float>::infinity()), uint16_t{0x7f80});
+  CHECK(static_cast<float>(Bf16(3.0f)) == 3.0f);
+#if MOEFAST_SWIGLU_X86
+  if (!cpu::cpu_has_avx2_fma()) return;
+  Rng rng(7);
+  auto vals = uniform<float>(rng, 4096, -1e4, 1e4);
+  for (size_t i = 0; i < 64; ++i) {  // exact ties, odd and even
+    const uint32_t t = 0x3f800000u + (static_cast<uint32_t>(i) << 16) + 0x8000u;
+    std::memcpy(&vals[i], &t, 4);
+  }
+  vals[64] = std::numeric_limits<float>::quiet_NaN();
+  vals[65] = -std::numeric_limits<float>::infinity();
+  vals[66] = std::numeric_limits<float>::max();
+  vals[67] = std::numeric_limits<float>::denorm_min();
+  std::vector<Bf16> out(vals.size());
+  for (size_t i = 0; i < vals.size(); i += 8) store8(vals.data() + i, out.data() + i);
+  int64_t differ = 0;
+  for (size_t i = 0; i < vals.size(); ++i) differ += out[i].bits != Bf16::from_float(vals[i]);
+  CHECK_EQ(differ, int64_t{0});
+#endif
+}
