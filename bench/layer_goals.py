@@ -1,74 +1,157 @@
-"""The CPU goals of the MoE layer, measured side by side in one run (forward + backward, 4096
-tokens, top-2): moefast's MoE (converted from a transformers Mixtral block with MoE.from_hf),
-the limit (the same FLOPs as plain dense GEMMs), and transformers' "eager" and "grouped_mm"
-experts on the same block. Median of 5 after 2 warm-ups, perf_counter.
+"""The CPU goals of the MoE layer (issue 5), measured side by side with the variants interleaved:
+forward + backward, 4096 tokens, top-2, of a transformers Mixtral block (weights from N(0, 0.02))
+run by moefast (``MoE.from_hf``), by transformers' "eager" and "grouped_mm" experts, and the
+limit (the same FLOPs as dense torch.matmul GEMMs: ``T * k`` rows through the SwiGLU expert's two
+GEMMs, forward and backward).
 
-    python bench/layer_goals.py
+Each round times every variant once, in a rotating order, so that a slow spell of a shared
+machine hits all of them alike; the ratios use the median over rounds (and, as a second view,
+the fastest round of each variant). ``bench/test_bench_layer_goals.py`` is the same comparison as
+pytest-benchmark figures, one variant after another.
+
+    python bench/layer_goals.py --rounds 15 --out bench/results/layer-goals-interleaved.json
 """
 
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
 import time
 
 import torch
-from transformers import MixtralConfig
-from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
-import moefast.integrations.transformers as mh
-from moefast.nn import MoE
-
-mh.register()
-
-
-def timeit(f, n=5):
-    f()
-    f()
-    ts = []
-    for _ in range(n):
-        t = time.perf_counter()
-        f()
-        ts.append(time.perf_counter() - t)
-    ts.sort()
-    return ts[len(ts) // 2]
+SHAPES = {"mixtral-like": dict(d=512, h=1024, E=8), "64-small-experts": dict(d=512, h=128, E=64)}
+GOALS = {
+    "mixtral-like": "limit/moefast >= 0.90 and faster than eager",
+    "64-small-experts": "eager/moefast >= 1.5",
+}
+T, K = 4096, 2
 
 
-def case(d, h, E, k, dt, T=4096):
+def variants(shape: str, dtype: torch.dtype):
+    """name -> callable running one forward + backward."""
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    import moefast.integrations.transformers as mh
+    from moefast.nn import MoE
+
+    mh.register()
+    s = SHAPES[shape]
     torch.manual_seed(0)
     cfg = MixtralConfig(
-        hidden_size=d, intermediate_size=h, num_local_experts=E, num_experts_per_tok=k
+        hidden_size=s["d"],
+        intermediate_size=s["h"],
+        num_local_experts=s["E"],
+        num_experts_per_tok=K,
     )
     cfg._experts_implementation = "eager"
-    block = MixtralSparseMoeBlock(cfg).to(dt)
-    x = torch.randn(1, T, d, dtype=dt, requires_grad=True)
+    block = MixtralSparseMoeBlock(cfg)
+    with torch.no_grad():  # a bare block is not initialised (the model's _init_weights does that)
+        for p in block.parameters():
+            p.normal_(0.0, 0.02)
+    block = block.to(dtype)
+    moe = MoE.from_hf(block).to(dtype)
+    x = torch.randn(1, T, s["d"], dtype=dtype, requires_grad=True)
 
-    def hf():
-        y = block(x)
+    def run(module):
+        x.grad = None
+        y = module(x)
         y = y[0] if isinstance(y, tuple) else y
         y.backward(torch.ones_like(y))
 
-    moe = MoE.from_hf(block).to(dt)
+    def hf(impl):
+        def f():
+            cfg._experts_implementation = impl
+            run(block)
 
-    def ours():
-        y = moe(x)
+        return f
+
+    a = torch.randn(T * K, s["d"], dtype=dtype, requires_grad=True)
+    w1 = torch.randn(s["d"], 2 * s["h"], dtype=dtype, requires_grad=True)
+    w2 = torch.randn(s["h"], s["d"], dtype=dtype, requires_grad=True)
+
+    def limit():
+        y = (a @ w1)[:, : s["h"]] @ w2
         y.backward(torch.ones_like(y))
 
-    A = torch.randn(T * k, d, dtype=dt, requires_grad=True)
-    W1 = torch.randn(d, 2 * h, dtype=dt, requires_grad=True)
-    W2 = torch.randn(h, d, dtype=dt, requires_grad=True)
+    return {
+        "moefast": lambda: run(moe),
+        "limit": limit,
+        "hf_eager": hf("eager"),
+        "hf_grouped_mm": hf("grouped_mm"),
+    }
 
-    def lim():
-        y = (A @ W1)[:, :h] @ W2
-        y.backward(torch.ones_like(y))
 
-    t_l = timeit(lim)
-    t_o = timeit(ours)
-    t_h = timeit(hf)
-    cfg._experts_implementation = "grouped_mm"
-    t_g = timeit(hf)
+def measure(shape: str, dtype: torch.dtype, rounds: int, warmup: int = 2) -> dict:
+    fns = variants(shape, dtype)
+    names = list(fns)
+    for _ in range(warmup):
+        for f in fns.values():
+            f()
+    times = {n: [] for n in names}
+    for r in range(rounds):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        for n in order:
+            t0 = time.perf_counter()
+            fns[n]()
+            times[n].append(time.perf_counter() - t0)
+        print(f"\r  {shape} {dtype}: round {r + 1}/{rounds}", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    med = {n: statistics.median(v) for n, v in times.items()}
+    best = {n: min(v) for n, v in times.items()}
+    return {
+        "shape": shape,
+        "dtype": str(dtype).replace("torch.", ""),
+        **SHAPES[shape],
+        "T": T,
+        "k": K,
+        "rounds": rounds,
+        "goal": GOALS[shape],
+        "median_s": med,
+        "min_s": best,
+        "times_s": times,
+        "limit_over_moefast": med["limit"] / med["moefast"],
+        "limit_over_moefast_min": best["limit"] / best["moefast"],
+        "eager_over_moefast": med["hf_eager"] / med["moefast"],
+        "grouped_mm_over_moefast": med["hf_grouped_mm"] / med["moefast"],
+    }
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--rounds", type=int, default=9)
+    p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    p.add_argument("--out", help="write the results as JSON here")
+    args = p.parse_args(argv)
+    results = []
     print(
-        f"d={d} h={h} E={E} k={k} {dt}: moefast {t_o * 1e3:.0f} ms, limit {t_l * 1e3:.0f} ms -> {t_l / t_o:.2f} of limit; hf eager {t_h * 1e3:.0f} ms ({t_l / t_h:.2f} of limit, moefast {t_h / t_o:.2f}x faster); hf grouped_mm {t_g * 1e3:.0f} ms ({t_l / t_g:.2f})",
-        flush=True,
+        "shape             dtype     moefast   limit/moefast (min)   eager/moefast  grouped_mm/moefast"
     )
+    for shape in args.shapes:
+        for dt in args.dtypes:
+            r = measure(shape, getattr(torch, dt), args.rounds)
+            results.append(r)
+            print(
+                f"{shape:17s} {dt:9s} {r['median_s']['moefast'] * 1e3:6.0f} ms  "
+                f"{r['limit_over_moefast']:.3f} ({r['limit_over_moefast_min']:.3f})        "
+                f"{r['eager_over_moefast']:6.2f}x        {r['grouped_mm_over_moefast']:6.2f}x",
+                flush=True,
+            )
+    if args.out:
+        meta = {
+            "device": platform.processor() or platform.machine(),
+            "cpu_count": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "command": "python bench/layer_goals.py " + " ".join(argv or sys.argv[1:]),
+        }
+        with open(args.out, "w") as f:
+            json.dump({"meta": meta, "results": results}, f, indent=1)
 
 
-for dt in (torch.float32, torch.bfloat16):
-    case(512, 1024, 8, 2, dt)
-    case(512, 128, 64, 2, dt)
+if __name__ == "__main__":
+    main()

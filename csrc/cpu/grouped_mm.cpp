@@ -7,6 +7,10 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <atomic>
+#include <vector>
+
 #include "common.h"
 
 namespace moefast {
@@ -36,17 +40,27 @@ void check_offs(const at::Tensor& offs, int64_t E, int64_t N, const char* op) {
 
 // Runs fn(e) for every expert: in parallel over experts when groups are small (each BLAS call is
 // then too small to use several threads well), otherwise one after the other with threaded BLAS.
+// In parallel, each thread takes the largest group not yet started (longest-processing-time
+// first), so that unequal groups still spread evenly.
 template <typename Fn>
-void for_each_group(int64_t E, int64_t rows, int64_t K, int64_t M, const Fn& fn) {
+void for_each_group(const int32_t* ends, int64_t E, int64_t K, int64_t M, const Fn& fn) {
+  const int64_t rows = E == 0 ? 0 : ends[E - 1];
   const double flops_per_group = 2.0 * static_cast<double>(rows) * K * M / std::max<int64_t>(E, 1);
-  if (E > 1 && flops_per_group < 4.0e6) {
-    at::parallel_for(0, E, 1, [&](int64_t b, int64_t e_end) {
-      const KernelGuard guard;  // dispatch-key TLS does not follow into the worker threads
-      for (int64_t e = b; e < e_end; ++e) fn(e);
-    });
-  } else {
+  if (E <= 1 || flops_per_group >= 4.0e6) {
     for (int64_t e = 0; e < E; ++e) fn(e);
+    return;
   }
+  std::vector<int64_t> order(static_cast<size_t>(E));
+  for (int64_t e = 0; e < E; ++e) order[e] = e;
+  std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) {
+    return group_end(ends, x) - group_begin(ends, x) > group_end(ends, y) - group_begin(ends, y);
+  });
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), E);
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    const KernelGuard guard;  // dispatch-key TLS does not follow into the worker threads
+    for (int64_t i = next.fetch_add(1); i < E; i = next.fetch_add(1)) fn(order[i]);
+  });
 }
 
 at::Tensor grouped_mm_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor& offs,
@@ -64,7 +78,7 @@ at::Tensor grouped_mm_cpu(const at::Tensor& a, const at::Tensor& b, const at::Te
   const at::Tensor o = offs.contiguous();
   const int32_t* ends = o.const_data_ptr<int32_t>();
   const int64_t used = E == 0 ? 0 : ends[E - 1];
-  for_each_group(E, used, K, M, [&](int64_t e) {
+  for_each_group(ends, E, K, M, [&](int64_t e) {
     const int64_t begin = group_begin(ends, e);
     const int64_t end = group_end(ends, e);
     if (end == begin) return;
@@ -115,8 +129,7 @@ at::Tensor grouped_mm_weight_grad_cpu(const at::Tensor& a, const at::Tensor& gra
   at::Tensor grad_b = new_output({E, K, M}, a.options());
   const at::Tensor o = offs.contiguous();
   const int32_t* ends = o.const_data_ptr<int32_t>();
-  const int64_t used = E == 0 ? 0 : ends[E - 1];
-  for_each_group(E, used, K, M, [&](int64_t e) {
+  for_each_group(ends, E, K, M, [&](int64_t e) {
     const int64_t begin = group_begin(ends, e);
     const int64_t end = group_end(ends, e);
     at::Tensor dst = grad_b.select(0, e);

@@ -88,9 +88,12 @@ void swiglu_backward_rows(const scalar_t* grad, const scalar_t* h, scalar_t* dh,
       const acc_t g = static_cast<acc_t>(gate[c]);
       const acc_t u = static_cast<acc_t>(up[c]);
       const acc_t d = static_cast<acc_t>(go[c]);
-      const acc_t s = swiglu_sigmoid(g);
+      const acc_t e = std::exp(-g);
+      const acc_t s = acc_t(1) / (acc_t(1) + e);
       const acc_t ds = d * s;
-      dgate[c] = static_cast<scalar_t>(ds * u * (acc_t(1) + g * (acc_t(1) - s)));
+      // 1 - s as e * s where s > 1/2: no cancellation where the sigmoid saturates.
+      const acc_t one_minus_s = e > acc_t(1) ? acc_t(1) - s : e * s;
+      dgate[c] = static_cast<scalar_t>(ds * u * (acc_t(1) + g * one_minus_s));
       dup[c] = static_cast<scalar_t>(ds * g);
     }
   }
@@ -112,11 +115,10 @@ namespace avx2 {
 
 // exp(x) for 8 floats: x = n ln2 + r with |r| <= ln2 / 2, exp(r) by a degree-7 polynomial
 // (Cephes' expf coefficients, about 1 ulp), 2^n put into the exponent bits. Inputs are clamped
-// to [-88.38, 88.38]: exp underflows to 0 below and may round to inf at the top, which is what
-// the sigmoid below needs (1 / (1 + inf) = 0).
+// to [-88.38, 88]: exp underflows to 0 below, and stays finite (at most 1.7e38) at the top, so
+// that the reciprocal in sigmoid() never sees an infinity.
 MOEFAST_TARGET_AVX2 inline __m256 exp(__m256 x) {
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-88.3762626647949f)),
-                    _mm256_set1_ps(88.3762626647949f));
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-88.3762626647949f)), _mm256_set1_ps(88.0f));
   __m256 n = _mm256_floor_ps(
       _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
   x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
@@ -133,9 +135,24 @@ MOEFAST_TARGET_AVX2 inline __m256 exp(__m256 x) {
   return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
 }
 
-MOEFAST_TARGET_AVX2 inline __m256 sigmoid(__m256 g) {
-  const __m256 one = _mm256_set1_ps(1.0f);
-  return _mm256_div_ps(one, _mm256_add_ps(one, exp(_mm256_sub_ps(_mm256_setzero_ps(), g))));
+// s = 1 / (1 + e) with e = exp(-g): the hardware reciprocal estimate (about 12 bits) and two
+// Newton steps (full float precision), cheaper than a division. Also returns 1 - s without
+// cancellation: e * s where s > 1/2 (so that where the sigmoid saturates, s rounds to 1, the
+// backward's g * (1 - s) is still accurate), 1 - s elsewhere. For g < -88, e is at most 1.7e38, the
+// estimate flushes to 0 and the Newton steps keep it there (0 * (2 - d * 0) = 0).
+MOEFAST_TARGET_AVX2 inline __m256 sigmoid(__m256 g, __m256* complement = nullptr) {
+  const __m256 e = exp(_mm256_sub_ps(_mm256_setzero_ps(), g));
+  const __m256 d = _mm256_add_ps(_mm256_set1_ps(1.0f), e);
+  const __m256 two = _mm256_set1_ps(2.0f);
+  __m256 r = _mm256_rcp_ps(d);
+  r = _mm256_mul_ps(r, _mm256_fnmadd_ps(d, r, two));
+  r = _mm256_mul_ps(r, _mm256_fnmadd_ps(d, r, two));
+  if (complement != nullptr) {
+    const __m256 one = _mm256_set1_ps(1.0f);
+    *complement = _mm256_blendv_ps(_mm256_mul_ps(e, r), _mm256_sub_ps(one, r),
+                                   _mm256_cmp_ps(e, one, _CMP_GT_OQ));
+  }
+  return r;
 }
 
 MOEFAST_TARGET_AVX2 inline __m256 load(const float* p) {
@@ -191,10 +208,10 @@ MOEFAST_TARGET_AVX2 void backward_rows(const T* grad, const T* h, T* dh, int64_t
     T* dup = dgate + H;
     for (int64_t c = 0; c < H8; c += 8) {
       const __m256 g = load(gate + c);
-      const __m256 s = sigmoid(g);
+      __m256 one_minus_s;
+      const __m256 s = sigmoid(g, &one_minus_s);
       const __m256 ds = _mm256_mul_ps(load(go + c), s);
-      // 1 + g (1 - s) = g - g s + 1
-      const __m256 t = _mm256_fnmadd_ps(g, s, _mm256_add_ps(g, one));
+      const __m256 t = _mm256_fmadd_ps(g, one_minus_s, one);  // 1 + g (1 - s)
       store(dgate + c, _mm256_mul_ps(_mm256_mul_ps(ds, load(up + c)), t));
       store(dup + c, _mm256_mul_ps(ds, g));
     }

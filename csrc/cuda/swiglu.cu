@@ -45,9 +45,11 @@ __global__ void swiglu_backward_kernel(const T* __restrict__ grad, const T* __re
     const int64_t c = i - r * H;
     const A g = to_acc(h[r * 2 * H + c]);
     const A u = to_acc(h[r * 2 * H + H + c]);
-    const A s = A(1) / (A(1) + exp(-g));
+    const A e = exp(-g);
+    const A s = A(1) / (A(1) + e);
+    const A one_minus_s = e > A(1) ? A(1) - s : e * s;  // no cancellation where s saturates
     const A ds = to_acc(grad[i]) * s;
-    dh[r * 2 * H + c] = from_acc<T>(ds * u * (A(1) + g * (A(1) - s)));
+    dh[r * 2 * H + c] = from_acc<T>(ds * u * (A(1) + g * one_minus_s));
     dh[r * 2 * H + H + c] = from_acc<T>(ds * g);
   }
 }
