@@ -58,7 +58,10 @@ def variants(shape: str, dtype: torch.dtype):
     x = torch.randn(1, T, s["d"], dtype=dtype, requires_grad=True)
 
     def run(module):
+        # A training step's backward: gradients start unset (optimizer.zero_grad() sets them to
+        # None), so none of the variants pays for accumulating into old gradients.
         x.grad = None
+        module.zero_grad(set_to_none=True)
         y = module(x)
         y = y[0] if isinstance(y, tuple) else y
         y.backward(torch.ones_like(y))
@@ -75,6 +78,7 @@ def variants(shape: str, dtype: torch.dtype):
     w2 = torch.randn(s["h"], s["d"], dtype=dtype, requires_grad=True)
 
     def limit():
+        a.grad = w1.grad = w2.grad = None
         y = (a @ w1)[:, : s["h"]] @ w2
         y.backward(torch.ones_like(y))
 

@@ -60,7 +60,9 @@ def _block(shape: str, dtype_name: str):
 
 
 def _fwd_bwd(module, x):
+    # A training step's backward: gradients start unset (optimizer.zero_grad() sets them to None).
     x.grad = None
+    module.zero_grad(set_to_none=True)
     y = module(x)
     y = y[0] if isinstance(y, tuple) else y
     y.backward(torch.ones_like(y))
@@ -87,6 +89,7 @@ def test_layer_goals(bench, shape, dtype_name, variant):
         w2 = torch.randn(s["h"], s["d"], dtype=dtype, requires_grad=True)
 
         def target():
+            a.grad = w1.grad = w2.grad = None
             y = (a @ w1)[:, : s["h"]] @ w2
             y.backward(torch.ones_like(y))
             return y.detach()
