@@ -320,6 +320,43 @@ def test_experts_variants_match_batched_mm(
         assert (new[0][0] == 0).all()
 
 
+def test_experts_default_swiglu_gate_runs_moefast_swiglu(monkeypatch):
+    """transformers' default gate with SiLU is moefast.swiglu; an overridden _apply_gate (or
+    another activation) is called as the model defines it, and both match batched_mm."""
+    calls = []
+    real = moefast_hf.ops.swiglu
+    monkeypatch.setattr(moefast_hf.ops, "swiglu", lambda h: calls.append(h.shape) or real(h))
+    g = torch.Generator().manual_seed(9)
+    S = 11
+    x = torch.randn(S, HIDDEN, generator=g, dtype=torch.float64)
+    idx = torch.stack([torch.randperm(EXPERTS, generator=g)[:TOP_K] for _ in range(S)])
+    w = torch.rand(S, TOP_K, generator=g, dtype=torch.float64)
+
+    cls = _experts_class(True, False, False, False)
+    module = cls(transformers.PretrainedConfig())
+    module._is_expert_parallel = False
+    ref = _run(hf_moe.batched_mm_experts_forward, module, x, idx, w)
+    new = _run(moefast_hf.moefast_experts_forward, module, x, idx, w)
+    assert calls == [(S * TOP_K, 2 * INTER)]
+    for a, b in zip(new[:3], ref[:3], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+    class Custom(cls):  # a model with its own gate: silu(gate) * up * 0.5
+        def _apply_gate(self, gate_up):
+            gate, up = gate_up.chunk(2, dim=-1)
+            return 0.5 * self.act_fn(gate) * up
+
+    calls.clear()
+    custom = Custom(transformers.PretrainedConfig())
+    custom.load_state_dict(module.state_dict())
+    custom._is_expert_parallel = False
+    ref = _run(hf_moe.batched_mm_experts_forward, custom, x, idx, w)
+    new = _run(moefast_hf.moefast_experts_forward, custom, x, idx, w)
+    assert calls == []
+    for a, b in zip(new[:3], ref[:3], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
 def test_experts_forward_casts_inputs_and_output():
     """bfloat16 hidden states with float32 routing weights (Mixtral's router keeps float32)."""
     module = _experts_class(True, False, False, False)(transformers.PretrainedConfig())

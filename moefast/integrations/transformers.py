@@ -119,7 +119,10 @@ def moefast_experts_forward(
 
     x = ops.permute(hidden_states.to(up_weight.dtype), routing)  # [S * k, H], grouped by expert
     h = _grouped_linear(x, up_weight, up_bias, offs, is_transposed)
-    h = self._apply_gate(h) if has_gate else self.act_fn(h)
+    if has_gate and _default_swiglu_gate(self):
+        h = ops.swiglu(h)  # one pass each way instead of chunk, silu, mul (and cat backward)
+    else:
+        h = self._apply_gate(h) if has_gate else self.act_fn(h)
     y = _grouped_linear(h, self.down_proj, down_bias, offs, is_transposed)
     if getattr(self, "has_post_expert_norm", False):
         y = self.post_expert_norm(y)
@@ -153,6 +156,17 @@ def _silu_like(act: nn.Module | object) -> bool:
     from transformers.activations import SiLUActivation
 
     return isinstance(act, (SiLUActivation, nn.SiLU)) or act is torch.nn.functional.silu
+
+
+def _default_swiglu_gate(experts: nn.Module) -> bool:
+    """Whether the experts gate with transformers' default ``act_fn(gate) * up`` and SiLU, which
+    is exactly :func:`moefast.swiglu` (a model that overrides ``_apply_gate`` keeps its own)."""
+    try:
+        from transformers.integrations.moe import _default_apply_gate
+    except ImportError:  # pragma: no cover (older transformers)
+        return False
+    gate = getattr(type(experts), "_apply_gate", None)
+    return gate is _default_apply_gate and _silu_like(getattr(experts, "act_fn", None))
 
 
 def _copy_linear(layer: nn.Linear) -> nn.Linear:
