@@ -57,6 +57,13 @@ def run(dtype: torch.dtype) -> None:
         oc.square().sum().backward()
         og.square().sum().backward()
         _check(f"mixture grad {dtype}", eg.grad, ec.grad, tol * 4)
+        h = (torch.randn(3, T, 2 * d_model + 2, generator=gen) * 3).to(dtype)
+        hc, hg = h.clone().requires_grad_(), h.cuda().requires_grad_()
+        oc, og = moefast.swiglu(hc), moefast.swiglu(hg)
+        _check(f"swiglu {dtype}", og, oc, tol)
+        oc.square().sum().backward()
+        og.square().sum().backward()
+        _check(f"swiglu grad {dtype}", hg.grad, hc.grad, tol * 4)
         grad = torch.randn(T * k, d_model, generator=gen).to(dtype)
         offs = torch.tensor([0, 50, 50, 120, 150], dtype=torch.int32)
         _check(
