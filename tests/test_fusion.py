@@ -132,6 +132,59 @@ def test_digits_data_and_split():
     assert np.array_equal(te, te2)
 
 
+def test_standardise_clips_features_to_the_training_range():
+    """A feature dead (constant) on the training rows must not explode on other rows."""
+    from moefast.fusion.experiment import _standardise
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(100, 3)).astype(np.float32)
+    x[:, 1] = 0.0
+    x[95, 1] = 3.0  # a dead ReLU on the training rows fires on one held-out image
+    x[90, 0] = 1e3  # an outlier far outside the training range
+    tr = np.arange(80)
+    z = _standardise(x, tr).numpy()
+    live = [0, 2]
+    np.testing.assert_allclose(z[tr][:, live].mean(0), 0.0, atol=1e-5)
+    np.testing.assert_allclose(z[tr][:, live].std(0), 1.0, atol=1e-3)
+    assert np.all(z[:, 1] == 0.0)  # unclipped it would be 3 / 1e-6 = 3e6 on row 95
+    lo, hi = z[tr].min(0), z[tr].max(0)
+    assert np.all(z >= lo) and np.all(z <= hi)
+    assert z[90, 0] == hi[0]
+
+
+def _onehotish(c, C=3, p=0.9):
+    v = torch.full((C,), (1 - p) / (C - 1))
+    v[c] = p
+    return v
+
+
+@pytest.mark.parametrize("include_initial", [False, True])
+def test_fit_can_keep_the_uniform_mixture(include_initial):
+    """Training rows where only expert 0 is right pull the static weights to expert 0; on the
+    validation rows expert 0 is wrong and the uniform mixture is right. With the initial
+    weights (the uniform mixture) as a candidate, selection keeps them."""
+    from moefast.fusion.experiment import fit
+
+    C, n_tr, n_va = 3, 60, 30
+    y = torch.arange(n_tr + n_va) % C
+    out = torch.empty(3, n_tr + n_va, C)
+    for i, c in enumerate(y.tolist()):
+        wrong = (c + 1) % C
+        good, bad = _onehotish(c), _onehotish(wrong)
+        out[:, i] = torch.stack([good, bad, bad]) if i < n_tr else torch.stack([bad, good, good])
+    tr, va = np.arange(n_tr), np.arange(n_tr, n_tr + n_va)
+    model = AdaptiveFusion([ExpertHead(1, C) for _ in range(3)], mix="prob", gate_kind="static")
+    fwd = lambda m, idx: m.combine(out[:, idx])  # noqa: E731
+    groups = [{"params": [model.static_logits], "lr": 1.0}]
+    val, epoch = fit(model, fwd, y, tr, va, groups, 5, seed=0, include_initial=include_initial)
+    if include_initial:
+        assert (val, epoch) == (1.0, 0)
+        assert torch.equal(model.static_logits.detach(), torch.zeros(3))
+    else:  # every trained epoch follows expert 0 and is wrong on validation
+        assert epoch >= 1 and val == 0.0
+        assert model.static_logits[0] > model.static_logits[1:].max()
+
+
 class _TinyBackbone(bb.Backbone):
     name = "tiny"
     source = "random"
@@ -207,6 +260,16 @@ def test_small_end_to_end_run(tmp_path, monkeypatch):
     m = res["methods"]
     for k in ("best_single", "uniform_average", "concatenation", "adaptive_fusion"):
         assert 0.0 <= m[k]["accuracy"] <= 1.0
+    # Validation may always keep epoch 0 (the uniform mixture), so the learned mixtures are
+    # never worse than the uniform average on validation.
+    for mix in ("", "_logit"):
+        uni = m[f"uniform_average{mix}"]["val_per_seed"]
+        assert m[f"uniform_average{mix}"]["epoch_per_seed"] == [0]
+        for k in ("static_weights", "adaptive_fusion"):
+            assert all(a >= u for a, u in zip(m[f"{k}{mix}"]["val_per_seed"], uni, strict=True))
+            assert all(e >= 0 for e in m[f"{k}{mix}"]["epoch_per_seed"])
+            ts = m[f"{k}{mix}"]["loss_temperature_per_seed"]
+            assert all(t in ex.MIX_LOSS_TEMPERATURES for t in ts)
     w = res["gate_by_class"]["prob"]
     assert np.allclose(np.nansum(w, axis=1), 1.0, atol=1e-5)
     assert 0.0 <= res["study"]["any_right"] <= 1.0

@@ -6,8 +6,9 @@ data sets and gathers the summary that ``python -m moefast.fusion --out`` writes
 
 Protocol (the same for every method, per seed):
 
-- Features of every frozen backbone are extracted once per data set (cached on disk) and
-  standardised with the training split's mean and deviation.
+- Features of every frozen backbone are extracted once per data set (cached on disk),
+  standardised with the training split's mean and deviation and clipped to the training split's
+  range (features dead on the training rows would otherwise explode on other images).
 - *Single representation*: an :class:`~moefast.nn.fusion.ExpertHead` per backbone, trained alone.
   ``best_single`` is the one with the best **validation** accuracy (its test accuracy is
   reported; picking by test accuracy would flatter the baseline).
@@ -20,6 +21,14 @@ Protocol (the same for every method, per seed):
   3 folds of the training split and predicts the held-out fold, so the gate learns where an
   expert fails (on its own training data every head is nearly always right, and a gate trained
   there learns nothing). Validation and test use the heads trained on the whole training split.
+- The mixing weights start at the uniform mixture (zero logits; the gate's last layer is
+  zero-initialised) and are trained with Adam on ``cross_entropy(scores / T, y)``, once for each
+  ``T`` in ``MIX_LOSS_TEMPERATURES`` (1, 0.5, 0.25). For the probability mixture the plain
+  negative log-likelihood (T = 1) rewards putting most weight on the most confident expert:
+  every example pays for the probability a weaker expert dilutes, while the rare examples on
+  which the weaker experts outvote it (what accuracy gains from) count little; T < 1 sharpens
+  the loss towards the decision. Validation chooses the epoch and T; epoch 0 (the uniform
+  mixture itself) is a candidate, for the static weights and the gate alike.
 - Each mixture comes twice: mixing the experts' probabilities (``prob``) and their logits
   (``logit``).
 - *Label embedding*: the same ladder with :class:`~moefast.nn.fusion.LabelEmbeddingHead` experts
@@ -39,11 +48,24 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from ..nn.fusion import AdaptiveFusion, ExpertHead, LabelEmbeddingHead, LabelSimilarity
+from ..nn.fusion import (
+    AdaptiveFusion,
+    ExpertHead,
+    LabelEmbeddingHead,
+    LabelSimilarity,
+    ThumbnailGate,
+)
 from . import backbones as bb
 from . import data as dd
 
-THUMB = 14
+THUMB = 14  # thumbnail side the gate sees
+GATE_WIDTH = 8  # channels of the gate's first conv layer
+# Learning rates of the mixing weights (Adam); they start at the uniform mixture.
+MIX_LR = {"static": 1e-2, "adaptive": 1e-3}
+# The mixing weights of the prob / logit mixtures are trained with cross_entropy(scores / T, y)
+# for each T here; validation picks T (T < 1 sharpens the loss towards the decision; see the
+# module docstring). T = 1 is the plain negative log-likelihood of the mixture.
+MIX_LOSS_TEMPERATURES = (1.0, 0.5, 0.25)
 
 
 # ----------------------------------------------------------------------------- backbones
@@ -87,35 +109,68 @@ def predict(model, forward, idx: np.ndarray, batch: int = 1024) -> torch.Tensor:
     return torch.cat(out)
 
 
-def fit(model, forward, y, tr, va, param_groups, epochs: int, seed: int, batch: int = 128):
+def fit(
+    model,
+    forward,
+    y,
+    tr,
+    va,
+    param_groups,
+    epochs: int,
+    seed: int,
+    batch: int = 128,
+    loss_temperature: float = 1.0,
+    include_initial: bool = False,
+):
     """Trains ``model`` with Adam on ``forward(model, idx) -> scores``; keeps the best-validation
-    epoch's weights. Returns ``(best validation accuracy, epochs run)``."""
+    epoch's weights (the earliest on ties).
+
+    The loss is ``cross_entropy(scores / loss_temperature, y)``. ``include_initial`` makes the
+    untrained model (epoch 0) a candidate too: for mixing weights that start at the uniform
+    mixture, validation can then keep the uniform mixture when training does not improve on it.
+    Returns ``(best validation accuracy, chosen epoch)`` (0 = the initial weights)."""
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(param_groups)
-    best, best_state = -1.0, copy.deepcopy(model.state_dict())
     yv = y[torch.from_numpy(va)]
-    for _ in range(epochs):
+
+    def val_acc() -> float:
+        right = predict(model, forward, va).argmax(1) == yv
+        return right.float().mean().item()  # host-ok: CPU model selection
+
+    best, best_epoch, best_state = -1.0, 0, copy.deepcopy(model.state_dict())
+    if include_initial:
+        best = val_acc()
+    for epoch in range(1, epochs + 1):
         model.train()
         for idx in _batches(tr, batch, gen):
-            loss = F.cross_entropy(forward(model, idx), y[idx])
+            loss = F.cross_entropy(forward(model, idx) / loss_temperature, y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        right = predict(model, forward, va).argmax(1) == yv
-        acc = right.float().mean().item()  # host-ok: CPU model selection
+        acc = val_acc()
         if acc > best:
-            best, best_state = acc, copy.deepcopy(model.state_dict())
+            best, best_epoch, best_state = acc, epoch, copy.deepcopy(model.state_dict())
     model.load_state_dict(best_state)
-    return best, epochs
+    return best, best_epoch
 
 
 # ----------------------------------------------------------------------------- one data set
 
 
 def _standardise(x: np.ndarray, tr: np.ndarray) -> torch.Tensor:
+    """Standardises features with the training rows' mean and deviation, then clips every
+    feature to the range it has on the training rows.
+
+    The clip matters: many features of these frozen networks are dead ReLUs (constant, deviation
+    ~0) on the training rows but not on every other image; unclipped, such a feature becomes
+    ``value / 1e-6`` (up to about 1e6) on a validation or test image, and the head trained
+    without ever seeing it outputs huge, confidently wrong logits there. A feature constant on
+    the training rows is thereby zero everywhere."""
     mu = x[tr].mean(0, keepdims=True)
     sd = x[tr].std(0, keepdims=True) + 1e-6
-    return torch.from_numpy(((x - mu) / sd).astype(np.float32))
+    z = (x - mu) / sd
+    z = np.clip(z, z[tr].min(0, keepdims=True), z[tr].max(0, keepdims=True))
+    return torch.from_numpy(z.astype(np.float32))
 
 
 def agreement_study(preds: dict[str, np.ndarray], y: np.ndarray) -> dict:
@@ -215,21 +270,41 @@ def run_seed(
     fit(head, fwd_cat, y, tr, va, [{"params": head.parameters(), "lr": 1e-3}], epochs, seed)
     record("concatenation", head, fwd_cat)
 
-    def gated(model, outputs, extra_params=(), key=None):
-        """Trains the gate (or static weights) of ``model`` on fixed expert outputs [E, N, C]."""
+    def gated(make_model, outputs, key, temperatures=(1.0,)):
+        """Trains the gate (or static weights) of ``make_model()`` on fixed expert outputs
+        [E, N, C]: out-of-fold outputs on the training rows, the final heads' outputs on
+        validation and test. Validation chooses the epoch (epoch 0, the uniform mixture, is a
+        candidate) and the loss temperature among ``temperatures`` (a fresh model each; the
+        earlier one on ties). ``make_model() -> (model, extra parameters to train)``."""
         fwd = lambda m, idx: m.combine(outputs[:, idx], thumbs[idx])  # noqa: E731
-        groups = [{"params": list(extra_params), "lr": 1e-2}] if extra_params else []
-        if model.gate_kind == "static":
-            groups.append({"params": [model.static_logits], "lr": 5e-2})
-        elif model.gate_kind == "adaptive":
-            groups.append({"params": model.gate.parameters(), "lr": 3e-3})
-        if groups:
-            fit(model, fwd, y, tr, va, groups, epochs, seed)
-        pred = record(key, model, fwd)
+        best = None
+        for t in temperatures:
+            model, extra_params = make_model()
+            groups = [{"params": list(extra_params), "lr": 1e-2}] if extra_params else []
+            if model.gate_kind == "static":
+                groups.append({"params": [model.static_logits], "lr": MIX_LR["static"]})
+            elif model.gate_kind == "adaptive":
+                groups.append({"params": model.gate.parameters(), "lr": MIX_LR["adaptive"]})
+            if not groups:  # the uniform mixture: nothing to train
+                right = predict(model, fwd, va).argmax(1) == y[torch.from_numpy(va)]
+                best = (right.float().mean().item(), model, 0, None)  # host-ok: CPU selection
+                break
+            val, epoch = fit(
+                model, fwd, y, tr, va, groups, epochs, seed, loss_temperature=t,
+                include_initial=True,
+            )  # fmt: skip
+            if best is None or val > best[0]:
+                best = (val, model, epoch, t)
+        val, model, epoch, t = best
+        extra = {"val_accuracy": val, "epoch": epoch}
+        if t is not None:
+            extra["loss_temperature"] = t
+        pred = record(key, model, fwd, extra)
         return pred, _all_weights(model, fwd, te)
 
     gate_by_class = {}
     heads = lambda: [single_heads[n] for n in names]  # noqa: E731
+    make_gate = lambda: ThumbnailGate(len(names), 1, GATE_WIDTH)  # noqa: E731
     for mix in ("prob", "logit"):
         suffix = "" if mix == "prob" else "_logit"
         outputs = torch.softmax(logits, dim=-1) if mix == "prob" else logits
@@ -238,8 +313,11 @@ def run_seed(
             ("static", "static_weights"),
             ("adaptive", "adaptive_fusion"),
         ):
-            model = AdaptiveFusion(heads(), mix=mix, gate_kind=kind)
-            pred, w = gated(model, outputs, key=f"{key}{suffix}")
+            make = lambda mix=mix, kind=kind: (  # noqa: E731
+                AdaptiveFusion(heads(), mix=mix, gate_kind=kind, gate=make_gate()),
+                (),
+            )
+            pred, w = gated(make, outputs, f"{key}{suffix}", MIX_LOSS_TEMPERATURES)
             entry = res[f"{key}{suffix}"]
             mean_w = w.mean(0).tolist()  # host-ok: report of CPU results
             entry["mean_weights"] = dict(zip(names, mean_w, strict=True))
@@ -283,15 +361,19 @@ def run_seed(
             ("uniform", "label_embedding_uniform"),
             ("adaptive", "label_embedding_adaptive"),
         ):
-            # The experts share one similarity (the best single's, its scale trained further).
-            shared = copy.deepcopy(emb_heads[eb].similarity)
-            hs = []
-            for n in names:
-                h = copy.deepcopy(emb_heads[n])
-                h.similarity = shared
-                hs.append(h)
-            model = AdaptiveFusion(hs, mix="embedding", gate_kind=kind)
-            gated(model, embs, extra_params=[shared.log_scale], key=key)
+
+            def make(kind=kind):
+                # The experts share one similarity (the best single's, its scale trained further).
+                shared = copy.deepcopy(emb_heads[eb].similarity)
+                hs = []
+                for n in names:
+                    h = copy.deepcopy(emb_heads[n])
+                    h.similarity = shared
+                    hs.append(h)
+                model = AdaptiveFusion(hs, mix="embedding", gate_kind=kind, gate=make_gate())
+                return model, [shared.log_scale]
+
+            gated(make, embs, key)
 
     study = agreement_study(single_preds, yte)
     return res, study, gate_by_class
@@ -325,6 +407,12 @@ def _summarise(per_seed: list[dict]) -> dict:
         for extra in ("val_accuracy", "top_expert_accuracy", "agrees_with_best_single"):
             if extra in per_seed[0][k]:
                 entry[extra] = float(np.mean([r[k][extra] for r in per_seed]))
+        if "val_accuracy" in per_seed[0][k]:
+            entry["val_per_seed"] = [r[k]["val_accuracy"] for r in per_seed]
+        if "epoch" in per_seed[0][k]:  # the epoch validation chose (0 = the uniform mixture)
+            entry["epoch_per_seed"] = [r[k]["epoch"] for r in per_seed]
+        if "loss_temperature" in per_seed[0][k]:
+            entry["loss_temperature_per_seed"] = [r[k]["loss_temperature"] for r in per_seed]
         out[k] = entry
     return out
 

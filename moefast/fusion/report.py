@@ -61,20 +61,62 @@ def agreement_table(res: dict) -> str:
     return "\n".join(lines)
 
 
+CLAIM_PAIRS = (
+    ("adaptive_fusion", "best_single"),
+    ("adaptive_fusion", "uniform_average"),
+    ("adaptive_fusion", "uniform_average_logit"),
+    ("adaptive_fusion", "static_weights"),
+    ("adaptive_fusion", "concatenation"),
+    ("adaptive_fusion_logit", "best_single"),
+    ("adaptive_fusion_logit", "uniform_average_logit"),
+    ("adaptive_fusion_logit", "uniform_average"),
+    ("adaptive_fusion_logit", "static_weights_logit"),
+)
+
+
 def claims(results: dict) -> list[str]:
+    """Adaptive fusion (probabilities, then logits) against the baselines, per data set: mean
+    test accuracy and on how many seeds it is strictly higher (ties count as not higher)."""
     out = []
     for d, res in results["datasets"].items():
         m = res["methods"]
-        a = m["adaptive_fusion"]
-        for base in ("best_single", "uniform_average", "static_weights", "concatenation"):
-            b = m[base]
+        for key, base in CLAIM_PAIRS:
+            if key not in m or base not in m:
+                continue
+            a, b = m[key], m[base]
             wins = sum(x > y for x, y in zip(a["per_seed"], b["per_seed"], strict=True))
+            ties = sum(x == y for x, y in zip(a["per_seed"], b["per_seed"], strict=True))
+            verdict = "beats" if a["accuracy"] > b["accuracy"] else "does NOT beat"
             out.append(
-                f"{d}: adaptive_fusion {100 * a['accuracy']:.2f} vs {base} "
-                f"{100 * b['accuracy']:.2f}: {'beats' if a['accuracy'] > b['accuracy'] else 'does NOT beat'}"
-                f" (higher on {wins}/{len(a['per_seed'])} seeds)"
+                f"{d}: {key} {100 * a['accuracy']:.2f} vs {base} {100 * b['accuracy']:.2f}: "
+                f"{verdict} (higher on {wins}/{len(a['per_seed'])} seeds, tied on {ties})"
             )
     return out
+
+
+def selection_table(results: dict) -> str:
+    """The epoch (and loss temperature) validation chose for each learned mixture, per seed
+    (epoch 0 = the uniform mixture)."""
+    ds = list(results["datasets"])
+    lines = ["| mixture | " + " | ".join(ds) + " |", "|---|" + "---:|" * len(ds)]
+    for key, label in METHOD_ROWS:
+        cells = []
+        for d in ds:
+            e = results["datasets"][d]["methods"].get(key, {})
+            if "epoch_per_seed" not in e:
+                cells.append("")
+                continue
+            ts = e.get("loss_temperature_per_seed", [None] * len(e["epoch_per_seed"]))
+            cells.append(
+                ", ".join(
+                    f"{x}" if t is None else f"{x} (T={t:g})"
+                    for x, t in zip(e["epoch_per_seed"], ts, strict=True)
+                )
+            )
+        if key.startswith("uniform") or not any(cells):
+            continue
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def markdown(results: dict) -> str:
@@ -89,6 +131,12 @@ def markdown(results: dict) -> str:
             acc = res["study"]["accuracy"][e["name"]]
             parts.append(f"| {e['name']} | {e['source']} | {100 * acc:.2f} |")
         parts += ["", agreement_table(res), ""]
+    parts += [
+        "### Epoch (loss temperature T) chosen on validation, per seed (epoch 0 = kept the uniform mixture)",
+        "",
+        selection_table(results),
+        "",
+    ]
     parts += ["### Claims", ""] + [f"- {c}" for c in claims(results)]
     return "\n".join(parts) + "\n"
 
