@@ -71,6 +71,17 @@ def test_kmeans_gater_recovers_clusters():
         assert set(pred[t_new == c].tolist()) == mapping[c]
 
 
+def test_kmeans_gater_fit_on_a_sample():
+    x, truth = blobs([300, 200, 250, 150])
+    g = ClusterGater(4, 8, method="kmeans", seed=0, fit_rows=60)
+    ids = g.fit(x)
+    # k-means saw 60 rows, yet every row is assigned, and each true cluster to one expert
+    assert ids.shape == (900,)
+    groups = [set(ids[truth == c].tolist()) for c in range(4)]
+    assert all(len(s) == 1 for s in groups) and len(set.union(*groups)) == 4
+    assert torch.equal(ids, g(x))
+
+
 def test_balanced_gater_caps_every_expert():
     x, _ = blobs([300, 20, 20, 20])  # one cluster holds most examples
     E = 4
@@ -167,7 +178,7 @@ def test_from_linears_copies_the_trunk_layers():
 # ----------------------------------------------------------------------------- training
 
 
-def make_work(tmp_path, E=4, N=400, d=12, L=5, epochs=2, decoder=True, seed=0):
+def make_work(tmp_path, E=4, N=400, d=12, L=5, epochs=2, decoder=True, seed=0, data_file=False):
     gen = torch.Generator().manual_seed(seed)
     x, truth = blobs([N // E] * E, dim=d, spread=0.3, seed=seed)
     y = (torch.rand(x.shape[0], L, generator=gen) < 0.3).float()
@@ -180,6 +191,10 @@ def make_work(tmp_path, E=4, N=400, d=12, L=5, epochs=2, decoder=True, seed=0):
     init = GroupedExperts.from_linears(
         1, [lin1, lin2] if decoder else [lin1, lin2, nn.Linear(8, L)]
     )
+    data = None
+    if data_file:  # the training data in a separate file, as the experiment's feature cache
+        data = tmp_path / "features.pt"
+        torch.save({"features": x, "targets": y}, data)
     work = write_prep(
         tmp_path / "work",
         features=x,
@@ -190,6 +205,7 @@ def make_work(tmp_path, E=4, N=400, d=12, L=5, epochs=2, decoder=True, seed=0):
         decoder=dec,
         epochs=epochs,
         seed=seed,
+        data_file=data,
     )
     return work, g, dec, x
 
@@ -220,6 +236,36 @@ def test_shared_decoder_is_shared_and_frozen(tmp_path):
     # the experts did move away from their common initial state
     experts = assemble_experts(work)
     assert not torch.allclose(experts.layers[0].weight[0], experts.layers[0].weight[1])
+
+
+def test_prep_with_data_file_trains_the_same_experts(tmp_path):
+    work, _, dec, x = make_work(tmp_path / "a", E=3)
+    prep = torch.load(work / "prep.pt", weights_only=True)
+    data = tmp_path / "features.pt"
+    torch.save({"features": prep["features"], "targets": prep["targets"], "other": x[:3]}, data)
+    init = GroupedExperts(1, prep["expert_dims"])
+    init.load_state_dict(prep["init_expert"])
+    ref = write_prep(
+        tmp_path / "b" / "work",
+        features=prep["features"],
+        targets=prep["targets"],
+        assignment=prep["assignment"],
+        num_experts=3,
+        init_expert=init,
+        decoder=dec,
+        epochs=2,
+        seed=0,
+        data_file=data,
+    )
+    small = torch.load(ref / "prep.pt", weights_only=True)
+    assert "features" not in small and small["data_file"] == "../../features.pt"
+    train_experts_worker(work, progress=False)
+    train_experts_worker(ref, progress=False)
+    pairs = zip(
+        assemble_experts(work).parameters(), assemble_experts(ref).parameters(), strict=True
+    )
+    for a, b in pairs:
+        torch.testing.assert_close(a, b)
 
 
 def test_owned_experts_partition():
@@ -277,7 +323,7 @@ def _ckpt(work: Path, e: int) -> Path:
 
 
 def test_torchrun_two_gloo_workers_match_one_process(tmp_path):
-    work = make_work(tmp_path, E=5)[0]
+    work = make_work(tmp_path, E=5, data_file=True)[0]  # ranks memory-map the shared data file
     cmd = [
         sys.executable,
         "-m",
@@ -384,13 +430,31 @@ def test_command_tiny_end_to_end(tmp_path, capsys):
         str(out),
         "--no-progress",
     ]
+    argv += ["--n-val", "100", "--hidden", "8", "--expert-batch-size", "64"]
     main(argv)
     res = json.loads(out.read_text())
     assert res["num_experts"] == 3
     for key in ("baseline", "single_expert", "hard_moe"):
         assert 0.0 <= res[key]["precision_at_1"] <= 1.0
+        assert 0.0 <= res[key]["val_precision_at_1"] <= 1.0
     assert res["hard_moe"]["num_experts"] == 3
+    assert res["hard_moe"]["expert_macs_per_example"] == 1024 * 8 + 8 * 64
     assert res["dataset"]["source"] == "sklearn-digits"
+    assert res["dataset"]["val_composites"] == 100
+    assert res["sweep_runs"][1]["fit_train_loss"] > 0
+    assert len(res["sweep_runs"][1]["expert_best_epochs"]) == 3
+    # the sweep's work directories share the cached features instead of copying them
+    work = tmp_path / "work"
+    (prep_path,) = work.glob("E3_kmeans_shared_s0*/prep.pt")
+    assert "data_file" in torch.load(prep_path, weights_only=True)
+    # a resumed run reuses the trunk, the features and the experts, and scores the same
+    stamp = (work / "features.pt").stat().st_mtime_ns
+    main([*argv, "--resume"])
+    again = json.loads(out.read_text())
+    assert (work / "features.pt").stat().st_mtime_ns == stamp
+    for key in ("baseline", "hard_moe"):
+        assert again[key]["precision_at_1"] == res[key]["precision_at_1"]
+        assert again[key]["val_mAP"] == res[key]["val_mAP"]
 
 
 def test_step_budget_and_early_stopping():

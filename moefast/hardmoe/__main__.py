@@ -39,28 +39,55 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--n-expert-train",
         type=int,
-        default=0,
+        default=100000,
         help="composites for the gater and experts (more than --n-train: fresh ones are added)",
+    )
+    p.add_argument(
+        "--n-val",
+        type=int,
+        default=4000,
+        help="validation composites (fresh, from the training base images, clean labels): "
+        "for choosing settings; the test composites are for reporting",
     )
     p.add_argument("--label-drop", type=float, default=0.25, help="weak labels: drop probability")
     p.add_argument("--k", type=int, default=2, help="k of precision@k")
     p.add_argument("--width", type=int, default=16, help="trunk conv width")
-    p.add_argument("--hidden", type=int, default=128, help="hidden size of the upper layers")
+    p.add_argument(
+        "--hidden",
+        type=int,
+        default=16,
+        help="hidden width of the trunk's upper layers, which every expert copies: it sets the "
+        "per-example cost of an expert (1024 x hidden + hidden x embed MACs)",
+    )
     p.add_argument("--embed", type=int, default=64, help="size of the label embedding")
     p.add_argument("--trunk-epochs", type=int, default=5)
     p.add_argument("--trunk-lr", type=float, default=3e-3)
-    p.add_argument("--expert-epochs", type=int, default=10)
-    p.add_argument("--expert-lr", type=float, default=1e-3)
+    p.add_argument("--expert-epochs", type=int, default=20)
+    p.add_argument("--expert-lr", type=float, default=3e-3)
+    p.add_argument("--expert-batch-size", type=int, default=512)
     p.add_argument(
         "--expert-budget",
-        default="epochs",
+        default="steps",
         choices=["epochs", "steps"],
         help="epochs: --expert-epochs passes over each cluster (equal total compute); steps: every "
         "expert may take as many steps as the single expert (early stopping on validation)",
     )
+    p.add_argument(
+        "--expert-patience",
+        type=int,
+        default=5,
+        help="with --expert-budget steps: passes without a better validation loss before stopping",
+    )
     p.add_argument("--experts", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     p.add_argument("--main-experts", type=int, default=0, help="E of hard_moe (default: largest)")
     p.add_argument("--gater", default="kmeans", choices=["kmeans", "balanced", "hash"])
+    p.add_argument(
+        "--gater-fit-rows",
+        type=int,
+        default=50000,
+        help="fit k-means on a random sample of at most this many rows (0: all); every row is "
+        "then assigned to its nearest centroid",
+    )
     p.add_argument("--balance", type=float, default=1.0, help="balanced k-means slack")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--seed", type=int, default=0, help="data and trunk seed")
@@ -80,6 +107,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         quick = {
             "n_train": 6000,
             "n_test": 1500,
+            "n_expert_train": 0,
+            "n_val": 1000,
             "trunk_epochs": 3,
             "expert_epochs": 8,
             "experts": [1, 4],
@@ -95,25 +124,29 @@ def format_table(res: dict) -> str:
     """Markdown table of the baseline, the sweep and the ablations."""
     k = res["baseline"]["k"]
     lines = [
-        f"| model | experts | precision@1 | precision@{k} | mAP | expert MACs/example "
-        "| gater MACs/example | MoE µs/example |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| model | experts | precision@1 | precision@{k} | mAP | val precision@1 "
+        "| expert MACs/example | gater MACs/example | MoE µs/example |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
 
     def fmt(m: str, row: dict) -> str:
+        if m not in row:
+            return "-"
         std = row.get(m + "_std")
         return f"{row[m]:.4f}" + (f" ± {std:.4f}" if std else "")
 
     b = res["baseline"]
     lines.append(
         f"| trunk + own head (baseline) | - | {fmt('precision_at_1', b)} | "
-        f"{fmt('precision_at_k', b)} | {fmt('mAP', b)} | {b['expert_macs_per_example']} | - | - |"
+        f"{fmt('precision_at_k', b)} | {fmt('mAP', b)} | {fmt('val_precision_at_1', b)} | "
+        f"{b['expert_macs_per_example']} | - | - |"
     )
 
     def row(name: str, r: dict) -> None:
         lines.append(
             f"| {name} | {r['num_experts']} | {fmt('precision_at_1', r)} | "
-            f"{fmt('precision_at_k', r)} | {fmt('mAP', r)} | {r['expert_macs_per_example']} | "
+            f"{fmt('precision_at_k', r)} | {fmt('mAP', r)} | {fmt('val_precision_at_1', r)} | "
+            f"{r['expert_macs_per_example']} | "
             f"{r['gater_macs_per_example']} | {r['infer_us_per_example']:.2f} |"
         )
 

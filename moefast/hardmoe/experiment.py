@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import os
@@ -34,15 +35,36 @@ from .metrics import evaluate
 from .model import ClusterGater, GroupedExperts, HardMoE, Trunk
 from .train import (
     assemble_experts,
+    expert_path,
     extract_features,
+    load_prep,
     missing_experts,
     predict,
+    soft_target_loss,
     train_experts_worker,
     train_trunk,
     write_prep,
 )
 
 METRICS = ("precision_at_1", "precision_at_k", "mAP")
+SUMMARY = (
+    *METRICS,
+    *(f"val_{m}" for m in METRICS),
+    "fit_train_loss",
+    "fit_heldout_loss",
+    "infer_us_per_example",
+    "expert_train_seconds",
+)
+
+
+def state_digest(module: nn.Module) -> str:
+    """SHA-256 of a module's parameters and buffers (names, shapes and bytes)."""
+    h = hashlib.sha256()
+    for k, v in sorted(module.state_dict().items()):
+        h.update(k.encode())
+        h.update(str(tuple(v.shape)).encode())
+        h.update(v.detach().contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()
 
 
 def _log(msg: str) -> None:
@@ -119,32 +141,106 @@ class Experiment:
             torch.save(trunk.state_dict(), path)
         self.trunk = trunk.eval()
         self.trunk_seconds = time.perf_counter() - t0
-        self.f_tr = extract_features(trunk, self.train.x)
-        self.y_tr = self.train.y
-        self.f_te = extract_features(trunk, self.test.x)
-        extra = a.n_expert_train - self.f_tr.shape[0]
-        if extra > 0:
-            # More weakly labelled composites for the gater and the experts, tiled afresh from
-            # the training base images (the trunk never saw them); features in chunks.
-            feats, ys = [self.f_tr], [self.y_tr]
-            for j, start in enumerate(range(0, extra, 10000)):
-                more = make_composites(
-                    base.x_train,
-                    base.y_train,
-                    min(10000, extra - start),
-                    self.num_labels,
-                    label_drop=a.label_drop,
-                    seed=a.seed + 1000 + j,
-                )
-                feats.append(extract_features(trunk, more.x))
-                ys.append(more.y)
-            self.f_tr, self.y_tr = torch.cat(feats), torch.cat(ys)
+        self.load_or_extract_features(base)
         self.data_info["expert_train_composites"] = int(self.f_tr.shape[0])
+        self.data_info["val_composites"] = int(self.f_va.shape[0])
         scores = predict(trunk, self.test.x)
         baseline = evaluate(scores, self.test.y_clean, a.k)
+        baseline.update(self.evaluate_val(nn.Sequential(trunk.upper, trunk.head)))
         baseline["expert_macs_per_example"] = GroupedExperts.macs_per_example(trunk.dims)
         _log(f"baseline (trunk + own head): {baseline}")
         return baseline
+
+    def load_or_extract_features(self, base) -> None:
+        """Trunk features of the training composites (plus ``n_expert_train - n_train`` fresh
+        ones for the gater and the experts), of the validation and of the test composites.
+
+        They are cached in ``WORK/features.pt`` together with a key (data settings and a digest
+        of the trunk's weights) and reused when the key matches, so a resumed run or a timing run
+        on the same trunk does not recompute them. Every work directory of the sweep refers to
+        this one file for its training data (see :func:`write_prep`).
+        """
+        a = self.args
+        key = {
+            "source": base.name,
+            "seed": a.seed,
+            "label_drop": a.label_drop,
+            "n_train": a.n_train,
+            "n_expert_train": max(a.n_expert_train, a.n_train),
+            "n_val": a.n_val,
+            "n_test": a.n_test,
+            "trunk": state_digest(self.trunk),
+        }
+        self.features_path = self.work / "features.pt"
+        if self.features_path.exists():
+            cached = torch.load(self.features_path, weights_only=True, mmap=True)
+            if cached.get("key") == key:
+                _log(f"features loaded from {self.features_path}")
+                self.f_tr, self.y_tr = cached["features"], cached["targets"]
+                self.f_va, self.y_va = cached["val_features"], cached["val_targets"]
+                self.f_te = cached["test_features"]
+                return
+        trunk = self.trunk
+        L = self.num_labels
+        t0 = time.perf_counter()
+        feats, ys = [extract_features(trunk, self.train.x)], [self.train.y]
+        extra = a.n_expert_train - a.n_train
+        # More weakly labelled composites for the gater and the experts, tiled afresh from the
+        # training base images (the trunk never saw them); features in chunks.
+        for j, start in enumerate(range(0, max(extra, 0), 10000)):
+            more = make_composites(
+                base.x_train,
+                base.y_train,
+                min(10000, extra - start),
+                L,
+                label_drop=a.label_drop,
+                seed=a.seed + 1000 + j,
+            )
+            feats.append(extract_features(trunk, more.x))
+            ys.append(more.y)
+        self.f_tr, self.y_tr = torch.cat(feats), torch.cat(ys)
+        # Validation composites: fresh ones tiled from the training base images, scored against
+        # their clean labels; for choosing settings (the test composites are for reporting).
+        if a.n_val > 0:
+            val = make_composites(
+                base.x_train, base.y_train, a.n_val, L, label_drop=a.label_drop, seed=a.seed + 500
+            )
+            self.f_va, self.y_va = extract_features(trunk, val.x), val.y_clean
+        else:
+            self.f_va, self.y_va = self.f_tr[:0].clone(), self.y_tr[:0].clone()
+        self.f_te = extract_features(trunk, self.test.x)
+        _log(f"features of {self.f_tr.shape[0]} composites in {time.perf_counter() - t0:.0f} s")
+        cache = {
+            "key": key,
+            "features": self.f_tr,
+            "targets": self.y_tr,
+            "val_features": self.f_va,
+            "val_targets": self.y_va,
+            "test_features": self.f_te,
+        }
+        tmp = self.features_path.with_name(f".features.{os.getpid()}.tmp")
+        torch.save(cache, tmp)
+        os.replace(tmp, self.features_path)
+
+    def evaluate_val(self, model: nn.Module) -> dict:
+        """Metrics of ``model`` (trunk features -> label scores) on the validation composites,
+        as ``val_*`` keys (none without validation composites)."""
+        if self.f_va.shape[0] == 0:
+            return {}
+        r = evaluate(predict(model, self.f_va), self.y_va, self.args.k)
+        return {f"val_{m}": r[m] for m in METRICS}
+
+    @torch.no_grad()
+    def fit_losses(self, moe: nn.Module, work: Path) -> dict:
+        """Mean training loss of the MoE on the rows its experts trained on and on the rows they
+        held out for early stopping (weak targets), to tell under- from overfitting."""
+        prep = load_prep(work)
+        is_val = prep["is_val"]
+        out = {}
+        for name, rows in (("fit_train_loss", ~is_val), ("fit_heldout_loss", is_val)):
+            x, y = self.f_tr[rows], self.y_tr[rows]
+            out[name] = soft_target_loss(predict(moe, x), y).item() if x.shape[0] else math.nan
+        return out
 
     # ------------------------------------------------------------------ one hard MoE
 
@@ -176,7 +272,14 @@ class Experiment:
             shared = None
         else:
             shared = copy.deepcopy(trunk.head).requires_grad_(False)
-        g = ClusterGater(E, self.f_tr.shape[1], method=gater, balance=a.balance, seed=seed)
+        g = ClusterGater(
+            E,
+            self.f_tr.shape[1],
+            method=gater,
+            balance=a.balance,
+            seed=seed,
+            fit_rows=a.gater_fit_rows,
+        )
         t0 = time.perf_counter()
         if a.resume and (work / "prep.pt").exists() and (work / "gater.pt").exists():
             g.load_state_dict(torch.load(work / "gater.pt", weights_only=True))
@@ -192,9 +295,12 @@ class Experiment:
                 init_expert=GroupedExperts.from_linears(1, linears),
                 decoder=shared,
                 epochs=a.expert_epochs,
+                batch_size=a.expert_batch_size,
                 lr=a.expert_lr,
                 seed=seed,
                 max_steps=self.max_steps(),
+                patience=a.expert_patience,
+                data_file=self.features_path,
             )
             torch.save(g.state_dict(), work / "gater.pt")
         gater_seconds = time.perf_counter() - t0
@@ -216,6 +322,9 @@ class Experiment:
         moe = HardMoE(g.eval(), experts, shared).eval()
         scores = predict(moe, self.f_te)
         res = evaluate(scores, self.test.y_clean, a.k)
+        res.update(self.evaluate_val(moe))
+        res.update(self.fit_losses(moe, work))
+        infos = [torch.load(expert_path(work, e), weights_only=True)["info"] for e in range(E)]
         sizes = torch.bincount(ids, minlength=E)
         test_sizes = torch.bincount(g(self.f_te), minlength=E)
         res.update(
@@ -232,6 +341,8 @@ class Experiment:
             expert_macs_per_example=GroupedExperts.macs_per_example(experts.dims),
             gater_macs_per_example=0 if gater == "hash" else E * self.f_tr.shape[1],
             infer_us_per_example=self.time_inference(moe),
+            expert_best_epochs=[i["best_epoch"] for i in infos],
+            expert_steps=[i["steps"] for i in infos],
         )
         self.cache[tag] = res
         return res
@@ -243,7 +354,7 @@ class Experiment:
         if a.expert_budget != "steps":
             return None
         n_train = round(0.9 * self.f_tr.shape[0])
-        return a.expert_epochs * math.ceil(n_train / 128)
+        return a.expert_epochs * math.ceil(n_train / a.expert_batch_size)
 
     @torch.no_grad()
     def time_inference(self, moe: nn.Module, reps: int = 5) -> float:
@@ -284,7 +395,8 @@ class Experiment:
 
         for E, s in tqdm(runs, desc="hard MoE sweep", unit="run", disable=not self.progress):
             r = self.moe_run(E, gater=a.gater, seed=s)
-            _log(f"E={E} seed={s}: p@1={r['precision_at_1']:.4f} mAP={r['mAP']:.4f}")
+            val = f" val p@1={r['val_precision_at_1']:.4f}" if "val_precision_at_1" in r else ""
+            _log(f"E={E} seed={s}: p@1={r['precision_at_1']:.4f} mAP={r['mAP']:.4f}{val}")
             sweep.append(r)
         out["sweep"] = summarize(sweep)
         out["sweep_runs"] = sweep
@@ -313,6 +425,15 @@ class Experiment:
                 f"{row['gater']}+{row['decoder']}_decoder": row
                 for row in summarize(abl_runs, key=("gater", "decoder"))
             }
+            # The reference for the per-expert decoders: one expert that also fine-tunes its own
+            # copy of the trunk's head, on all the data (the same per-example cost).
+            single = []
+            for s in a.seeds:
+                r = self.moe_run(1, gater="kmeans", decoder="per_expert", seed=s)
+                _log(f"ablation single expert/per_expert seed={s}: p@1={r['precision_at_1']:.4f}")
+                single.append(r)
+                abl_runs.append(r)
+            out["ablations"]["single_expert+own_decoder"] = summarize(single)[0]
             out["ablation_runs"] = abl_runs
 
         if a.timing:
@@ -369,7 +490,9 @@ def summarize(rows: list[dict], key: tuple[str, ...] = ("num_experts",)) -> list
         )
         row["gater_macs_per_example"] = rs[0]["gater_macs_per_example"]
         row["seeds"] = [r["seed"] for r in rs]
-        for m in (*METRICS, "infer_us_per_example", "expert_train_seconds"):
+        for m in SUMMARY:
+            if m not in rs[0]:
+                continue
             vals = [r[m] for r in rs]
             row[m] = statistics.fmean(vals)
             row[m + "_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0

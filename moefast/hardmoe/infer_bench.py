@@ -1,8 +1,9 @@
 """Inference cost per example of :class:`HardMoE` as the number of experts grows.
 
-    python -m moefast.hardmoe.infer_bench [--out FILE] [--batch 4000] [--threads 1 2]
+    python -m moefast.hardmoe.infer_bench [--out FILE] [--batch 4000] [--threads 1 2] [--hidden 16]
 
-Random weights, features of the size the study uses (1024 -> 128 -> 64 -> 10 labels) and a
+Random weights, features of the size the study uses (1024 -> hidden -> 64 -> 10 labels; the main
+study's hidden width is 16, the earlier runs' 128) and a
 uniform assignment (the hash gater, so the timing does not depend on a k-means fit). For each
 ``E`` it reports the median time per example of the whole MoE forward, of one grouped GEMM of the
 first expert layer, and of the same GEMM as one dense matrix product (the ``E = 1`` cost).
@@ -34,7 +35,9 @@ def _median_us(fn, n: int, reps: int) -> float:
 
 
 @torch.no_grad()
-def run(batch: int, experts: list[int], threads: list[int], reps: int) -> list[dict]:
+def run(
+    batch: int, experts: list[int], threads: list[int], reps: int, hidden: int = 16
+) -> list[dict]:
     torch.manual_seed(0)
     x = torch.randn(batch, 1024)
     rows = []
@@ -43,7 +46,7 @@ def run(batch: int, experts: list[int], threads: list[int], reps: int) -> list[d
         for E in experts:
             moe = HardMoE(
                 ClusterGater(E, 1024, method="hash"),
-                GroupedExperts(E, (1024, 128, 64)),
+                GroupedExperts(E, (1024, hidden, 64)),
                 torch.nn.Linear(64, 10),
             ).eval()
             routing = moe.routing(x)
@@ -74,11 +77,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--experts", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--reps", type=int, default=9)
+    p.add_argument("--hidden", type=int, default=16, help="hidden width of the expert layers")
     a = p.parse_args(argv)
-    rows = run(a.batch, a.experts, a.threads, a.reps)
+    rows = run(a.batch, a.experts, a.threads, a.reps, a.hidden)
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps({"batch": a.batch, "rows": rows}, indent=1) + "\n")
+        res = {"batch": a.batch, "expert_dims": [1024, a.hidden, 64], "rows": rows}
+        Path(a.out).write_text(json.dumps(res, indent=1) + "\n")
 
 
 if __name__ == "__main__":

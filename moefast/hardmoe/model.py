@@ -195,7 +195,10 @@ class ClusterGater(nn.Module):
           the example looks like (the ablation baseline).
 
     :meth:`fit` returns the training assignment; :meth:`forward` assigns new examples (int64
-    ``[B]``) in one batched distance computation.
+    ``[B]``) in one batched distance computation. With ``fit_rows > 0``, scikit-learn's k-means
+    runs on a random sample of at most that many training rows (the k-means++ seeding and Lloyd
+    iterations are what cost); every training row is then assigned to its nearest centroid (or,
+    for ``"balanced"``, by the capacity-constrained steps over all rows).
     """
 
     def __init__(
@@ -206,6 +209,7 @@ class ClusterGater(nn.Module):
         balance: float = 1.0,
         n_init: int = 2,
         seed: int = 0,
+        fit_rows: int = 0,
     ) -> None:
         super().__init__()
         if method not in GATERS:
@@ -215,6 +219,7 @@ class ClusterGater(nn.Module):
         self.balance = balance
         self.n_init = n_init
         self.seed = seed
+        self.fit_rows = fit_rows
         self.register_buffer("centroids", torch.zeros(num_experts, in_features))
         gen = torch.Generator().manual_seed(seed)
         self.register_buffer(
@@ -237,7 +242,11 @@ class ClusterGater(nn.Module):
         from sklearn.cluster import KMeans
 
         km = KMeans(n_clusters=E, n_init=self.n_init, random_state=self.seed)
-        km.fit(x.numpy())
+        sample = x
+        if 0 < self.fit_rows < x.shape[0]:
+            gen = torch.Generator().manual_seed(self.seed)
+            sample = x[torch.randperm(x.shape[0], generator=gen)[: self.fit_rows]]
+        km.fit(sample.numpy())
         self.centroids.copy_(torch.from_numpy(km.cluster_centers_).float())
         if self.method == "kmeans":
             return self.forward(features)

@@ -190,15 +190,26 @@ def write_prep(
     lr: float = 1e-3,
     seed: int = 0,
     max_steps: int | None = None,
+    patience: int = 5,
+    data_file: str | Path | None = None,
 ) -> Path:
-    """Writes ``prep.pt`` into ``work_dir`` (created), the input of every expert worker."""
+    """Writes ``prep.pt`` into ``work_dir`` (created), the input of every expert worker.
+
+    With ``data_file``, a file that already holds ``{"features": ..., "targets": ...}`` equal to
+    ``features`` and ``targets`` (e.g. the experiment's feature cache), ``prep.pt`` refers to it
+    (by a path relative to ``work_dir``) instead of holding another copy of the training data:
+    a sweep over many ``E`` then stores the features once.
+    """
     work = Path(work_dir)
     (work / "experts").mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(seed + 12345)
     is_val = torch.rand(features.shape[0], generator=gen) < val_frac
+    if data_file is None:
+        data = {"features": features.contiguous(), "targets": targets.contiguous()}
+    else:
+        data = {"data_file": os.path.relpath(Path(data_file).resolve(), work.resolve())}
     prep = {
-        "features": features.contiguous(),
-        "targets": targets.contiguous(),
+        **data,
         "assignment": assignment.long().contiguous(),
         "is_val": is_val,
         "num_experts": int(num_experts),
@@ -211,6 +222,7 @@ def write_prep(
             "lr": lr,
             "seed": seed,
             "max_steps": max_steps,
+            "patience": patience,
         },
     }
     _atomic_save(prep, work / "prep.pt")
@@ -239,6 +251,17 @@ def owned_experts(sizes: list[int], rank: int, world_size: int) -> list[int]:
     return sorted(e for e, r in owner.items() if r == rank)
 
 
+def load_prep(work_dir: str | Path) -> dict:
+    """``prep.pt`` of ``work_dir``, with the training data loaded from its ``data_file`` (memory
+    mapped, so that ranks on one machine share the pages) when it refers to one."""
+    work = Path(work_dir)
+    prep = torch.load(work / "prep.pt", weights_only=True)
+    if "data_file" in prep:
+        data = torch.load(work / prep["data_file"], weights_only=True, mmap=True)
+        prep["features"], prep["targets"] = data["features"], data["targets"]
+    return prep
+
+
 def _make_decoder(state: dict | None) -> nn.Linear | None:
     if state is None:
         return None
@@ -259,7 +282,7 @@ def train_experts_worker(
 ) -> dict:
     """Trains this rank's experts that have no checkpoint yet; returns what it did."""
     work = Path(work_dir)
-    prep = torch.load(work / "prep.pt", weights_only=True)
+    prep = load_prep(work)
     cfg = prep["config"]
     E = prep["num_experts"]
     ids, is_val = prep["assignment"], prep["is_val"]
@@ -293,6 +316,7 @@ def train_experts_worker(
             lr=cfg["lr"],
             seed=cfg["seed"] * 1000 + e,
             max_steps=cfg.get("max_steps"),
+            patience=cfg.get("patience", 5),
         )
         inf["seconds"] = time.perf_counter() - te
         _atomic_save({"expert": e, "state": state, "info": inf}, path)
