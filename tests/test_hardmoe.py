@@ -455,6 +455,12 @@ def test_command_tiny_end_to_end(tmp_path, capsys):
     for key in ("baseline", "hard_moe"):
         assert again[key]["precision_at_1"] == res[key]["precision_at_1"]
         assert again[key]["val_mAP"] == res[key]["val_mAP"]
+    # the sweep with per-expert decoders: the experts end in their own copy of the head
+    own = tmp_path / "own.json"
+    main([*argv, "--resume", "--decoder", "per_expert", "--experts", "2", "--out", str(own)])
+    own_res = json.loads(own.read_text())
+    assert own_res["hard_moe"]["decoder"] == "per_expert"
+    assert own_res["hard_moe"]["expert_macs_per_example"] == 1024 * 8 + 8 * 64 + 64 * 10
 
 
 def test_step_budget_and_early_stopping():

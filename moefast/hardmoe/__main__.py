@@ -82,6 +82,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--main-experts", type=int, default=0, help="E of hard_moe (default: largest)")
     p.add_argument("--gater", default="kmeans", choices=["kmeans", "balanced", "hash"])
     p.add_argument(
+        "--decoder",
+        default="shared",
+        choices=["shared", "per_expert"],
+        help="shared: the trunk's head, frozen, for every expert; per_expert: each expert also "
+        "fine-tunes its own copy of it (the E = 1 row then fine-tunes the head too)",
+    )
+    p.add_argument(
         "--gater-fit-rows",
         type=int,
         default=50000,
@@ -133,7 +140,8 @@ def format_table(res: dict) -> str:
         if m not in row:
             return "-"
         std = row.get(m + "_std")
-        return f"{row[m]:.4f}" + (f" ± {std:.4f}" if std else "")
+        several = len(row.get("seeds", [])) > 1
+        return f"{row[m]:.4f}" + (f" ± {std:.4f}" if std is not None and several else "")
 
     b = res["baseline"]
     lines.append(
@@ -152,6 +160,8 @@ def format_table(res: dict) -> str:
 
     for r in res["sweep"]:
         name = "single expert" if r["num_experts"] == 1 else f"hard MoE ({r['gater']})"
+        if r.get("decoder") == "per_expert":
+            name += ", own decoder" + ("" if r["num_experts"] == 1 else "s")
         row(name, r)
     for name, r in res.get("ablations", {}).items():
         row(f"ablation: {name}", r)

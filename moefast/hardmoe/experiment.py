@@ -394,7 +394,7 @@ class Experiment:
         from tqdm.auto import tqdm
 
         for E, s in tqdm(runs, desc="hard MoE sweep", unit="run", disable=not self.progress):
-            r = self.moe_run(E, gater=a.gater, seed=s)
+            r = self.moe_run(E, gater=a.gater, decoder=a.decoder, seed=s)
             val = f" val p@1={r['val_precision_at_1']:.4f}" if "val_precision_at_1" in r else ""
             _log(f"E={E} seed={s}: p@1={r['precision_at_1']:.4f} mAP={r['mAP']:.4f}{val}")
             sweep.append(r)
