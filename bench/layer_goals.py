@@ -32,7 +32,8 @@ T, K = 4096, 2
 
 
 def variants(shape: str, dtype: torch.dtype):
-    """name -> callable running one forward + backward."""
+    """name -> callable running one forward + backward and returning the detached output; shared
+    with ``bench/test_bench_layer_goals.py``."""
     from transformers import MixtralConfig
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
@@ -65,11 +66,12 @@ def variants(shape: str, dtype: torch.dtype):
         y = module(x)
         y = y[0] if isinstance(y, tuple) else y
         y.backward(torch.ones_like(y))
+        return y.detach()
 
     def hf(impl):
         def f():
             cfg._experts_implementation = impl
-            run(block)
+            return run(block)
 
         return f
 
@@ -81,6 +83,7 @@ def variants(shape: str, dtype: torch.dtype):
         a.grad = w1.grad = w2.grad = None
         y = (a @ w1)[:, : s["h"]] @ w2
         y.backward(torch.ones_like(y))
+        return y.detach()
 
     return {
         "moefast": lambda: run(moe),
