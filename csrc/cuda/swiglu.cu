@@ -18,6 +18,18 @@ namespace {
 
 constexpr int kThreads = 256;
 
+// Output element i of an [N, H] result (row r = i / H, column c) reads h[r, c] (gate) and
+// h[r, H + c] (up) of h = [gate | up]; returns the offset of the gate, loads both in float math.
+template <typename T, typename A>
+__device__ __forceinline__ int64_t load_gate_up(const T* __restrict__ h, int64_t i, int64_t H, A& g,
+                                                A& u) {
+  const int64_t r = i / H;
+  const int64_t gate = r * 2 * H + (i - r * H);
+  g = to_acc(h[gate]);
+  u = to_acc(h[gate + H]);
+  return gate;
+}
+
 template <typename T>
 __global__ void swiglu_forward_kernel(const T* __restrict__ h, T* __restrict__ out, int64_t N,
                                       int64_t H) {
@@ -25,10 +37,8 @@ __global__ void swiglu_forward_kernel(const T* __restrict__ h, T* __restrict__ o
   const int64_t n = N * H;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t r = i / H;
-    const int64_t c = i - r * H;
-    const A g = to_acc(h[r * 2 * H + c]);
-    const A u = to_acc(h[r * 2 * H + H + c]);
+    A g, u;
+    load_gate_up(h, i, H, g, u);
     out[i] = from_acc<T>(g / (A(1) + exp(-g)) * u);
   }
 }
@@ -41,16 +51,14 @@ __global__ void swiglu_backward_kernel(const T* __restrict__ grad, const T* __re
   const int64_t n = N * H;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t r = i / H;
-    const int64_t c = i - r * H;
-    const A g = to_acc(h[r * 2 * H + c]);
-    const A u = to_acc(h[r * 2 * H + H + c]);
+    A g, u;
+    const int64_t gate = load_gate_up(h, i, H, g, u);
     const A e = exp(-g);
     const A s = A(1) / (A(1) + e);
     const A one_minus_s = e > A(1) ? A(1) - s : e * s;  // no cancellation where s saturates
     const A ds = to_acc(grad[i]) * s;
-    dh[r * 2 * H + c] = from_acc<T>(ds * u * (A(1) + g * one_minus_s));
-    dh[r * 2 * H + H + c] = from_acc<T>(ds * g);
+    dh[gate] = from_acc<T>(ds * u * (A(1) + g * one_minus_s));
+    dh[gate + H] = from_acc<T>(ds * g);
   }
 }
 
