@@ -63,8 +63,7 @@ def state_digest(module: nn.Module) -> str:
     for k, v in sorted(module.state_dict().items()):
         h.update(k.encode())
         h.update(str(tuple(v.shape)).encode())
-        # host-ok: hashing the weights for the feature-cache key, once per run, not in an op
-        h.update(v.detach().contiguous().cpu().numpy().tobytes())
+        h.update(v.detach().contiguous().cpu().numpy().tobytes())  # host-ok: cache key, once
     return h.hexdigest()
 
 
@@ -240,8 +239,11 @@ class Experiment:
         out = {}
         for name, rows in (("fit_train_loss", ~is_val), ("fit_heldout_loss", is_val)):
             x, y = self.f_tr[rows], self.y_tr[rows]
-            # host-ok: a diagnostic loss for the results JSON, after training, not in an op
-            out[name] = soft_target_loss(predict(moe, x), y).item() if x.shape[0] else math.nan
+            if not x.shape[0]:
+                out[name] = math.nan
+                continue
+            loss = soft_target_loss(predict(moe, x), y)
+            out[name] = loss.item()  # host-ok: a diagnostic for the results JSON, not in an op
         return out
 
     # ------------------------------------------------------------------ one hard MoE
