@@ -1,6 +1,6 @@
 // ATen binding of the CPU SwiGLU, forward and backward (csrc/cpu/swiglu_kernel.h). float32 and
-// bfloat16 take the AVX2 rows where the CPU has AVX2 and FMA; float64 and float16, or a CPU
-// without them, take the portable rows.
+// bfloat16 take the widest vector rows the CPU runs (AVX-512, else AVX2 + FMA); float64 and
+// float16, or a CPU without either, take the portable rows.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
@@ -45,11 +45,11 @@ at::Tensor swiglu_cpu(const at::Tensor& h_in) {
   const int64_t N = H == 0 ? 0 : h.numel() / (2 * H);
   at::Tensor out = new_output(halved(h), h.options());
   if (N == 0) return out;
-  const bool simd = cpu::cpu_has_avx2_fma();
+  const cpu::Isa isa = cpu::best_isa();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "swiglu_cpu", [&] {
     using kernel_t = typename KernelType<scalar_t>::type;
     using acc_t = at::opmath_type<scalar_t>;
-    cpu::swiglu_forward<kernel_t, acc_t>(kptr<scalar_t>(h), kmut<scalar_t>(out), N, H, simd,
+    cpu::swiglu_forward<kernel_t, acc_t>(kptr<scalar_t>(h), kmut<scalar_t>(out), N, H, isa,
                                          ATenParallelFor{});
   });
   return out;
@@ -64,13 +64,13 @@ at::Tensor swiglu_backward_cpu(const at::Tensor& grad_in, const at::Tensor& h_in
   const int64_t N = H == 0 ? 0 : h.numel() / (2 * H);
   at::Tensor dh = new_output(h.sizes(), h.options());
   if (N == 0) return dh;
-  const bool simd = cpu::cpu_has_avx2_fma();
+  const cpu::Isa isa = cpu::best_isa();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, h.scalar_type(), "swiglu_backward_cpu", [&] {
         using kernel_t = typename KernelType<scalar_t>::type;
         using acc_t = at::opmath_type<scalar_t>;
         cpu::swiglu_backward<kernel_t, acc_t>(kptr<scalar_t>(grad), kptr<scalar_t>(h),
-                                              kmut<scalar_t>(dh), N, H, simd, ATenParallelFor{});
+                                              kmut<scalar_t>(dh), N, H, isa, ATenParallelFor{});
       });
   return dh;
 }

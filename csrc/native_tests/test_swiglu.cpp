@@ -1,5 +1,6 @@
 // Tests of csrc/cpu/swiglu_kernel.h: SwiGLU forward and backward, the portable rows and the AVX2
-// rows (where the CPU has AVX2 and FMA) against a double reference; the bfloat16 conversions.
+// and AVX-512 rows (where the CPU runs them) against a double reference; the bfloat16
+// conversions.
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -19,7 +20,16 @@ namespace {
 MOEFAST_TARGET_AVX2 void store8(const float* in, Bf16* out) {
   cpu::avx2::store(out, _mm256_loadu_ps(in));
 }
+// n <= 16 values through the masked AVX-512 store.
+MOEFAST_TARGET_AVX512 void store16(const float* in, Bf16* out, int64_t n) {
+  const __mmask16 m = n == 16 ? static_cast<__mmask16>(0xffff) : cpu::avx512::tail_mask(n);
+  cpu::avx512::store(out, cpu::avx512::load(in, m), m);
+}
 #endif
+
+const char* isa_name(cpu::Isa isa) {
+  return isa == cpu::Isa::kAvx512 ? "avx512" : isa == cpu::Isa::kAvx2 ? "avx2" : "portable";
+}
 
 double sigmoid(double x) {
   return 1.0 / (1.0 + std::exp(-x));
@@ -40,14 +50,14 @@ double tol_for() {
 }
 
 template <typename S, typename PF>
-void check_case(int64_t N, int64_t H, bool simd, PF pf, uint32_t seed) {
+void check_case(int64_t N, int64_t H, cpu::Isa isa, PF pf, uint32_t seed) {
   Rng rng(seed);
   const auto h = uniform<S>(rng, static_cast<size_t>(N * 2 * H), -9.0, 9.0);
   const auto g = uniform<S>(rng, static_cast<size_t>(N * H), -2.0, 2.0);
   std::vector<S> out(static_cast<size_t>(N * H), S(-77.0f));
   std::vector<S> dh(static_cast<size_t>(N * 2 * H), S(-77.0f));
-  cpu::swiglu_forward<S, float>(h.data(), out.data(), N, H, simd, pf);
-  cpu::swiglu_backward<S, float>(g.data(), h.data(), dh.data(), N, H, simd, pf);
+  cpu::swiglu_forward<S, float>(h.data(), out.data(), N, H, isa, pf);
+  cpu::swiglu_backward<S, float>(g.data(), h.data(), dh.data(), N, H, isa, pf);
   double worst_fwd = 0, worst_bwd = 0;
   for (int64_t r = 0; r < N; ++r) {
     for (int64_t c = 0; c < H; ++c) {
@@ -67,19 +77,19 @@ void check_case(int64_t N, int64_t H, bool simd, PF pf, uint32_t seed) {
   CHECK(worst_fwd <= tol_for<S>());
   CHECK(worst_bwd <= tol_for<S>());
   if (worst_fwd > tol_for<S>() || worst_bwd > tol_for<S>()) {
-    std::printf("  N=%lld H=%lld simd=%d: worst forward %.3g, backward %.3g\n",
-                static_cast<long long>(N), static_cast<long long>(H), simd ? 1 : 0, worst_fwd,
+    std::printf("  N=%lld H=%lld %s: worst forward %.3g, backward %.3g\n",
+                static_cast<long long>(N), static_cast<long long>(H), isa_name(isa), worst_fwd,
                 worst_bwd);
   }
 }
 
 template <typename S>
-void check_all_shapes(bool simd) {
+void check_all_shapes(cpu::Isa isa) {
   uint32_t seed = 1;
-  for (int64_t H : {1, 7, 8, 9, 16, 33, 64, 257}) {
+  for (int64_t H : {1, 7, 8, 9, 15, 16, 17, 33, 64, 257}) {
     for (int64_t N : {1, 5, 40}) {
-      check_case<S>(N, H, simd, SerialFor{}, seed++);
-      check_case<S>(N, H, simd, ThreadedFor{}, seed++);
+      check_case<S>(N, H, isa, SerialFor{}, seed++);
+      check_case<S>(N, H, isa, ThreadedFor{}, seed++);
     }
   }
 }
@@ -87,10 +97,10 @@ void check_all_shapes(bool simd) {
 }  // namespace
 
 MOEFAST_TEST(portable_float_matches_double_reference) {
-  check_all_shapes<float>(false);
+  check_all_shapes<float>(cpu::Isa::kPortable);
 }
 MOEFAST_TEST(portable_bf16_matches_double_reference) {
-  check_all_shapes<Bf16>(false);
+  check_all_shapes<Bf16>(cpu::Isa::kPortable);
 }
 
 MOEFAST_TEST(avx2_float_matches_double_reference) {
@@ -98,12 +108,33 @@ MOEFAST_TEST(avx2_float_matches_double_reference) {
     std::printf("  (no AVX2 + FMA on this CPU: skipped)\n");
     return;
   }
-  check_all_shapes<float>(true);
+  check_all_shapes<float>(cpu::Isa::kAvx2);
 }
 
 MOEFAST_TEST(avx2_bf16_matches_double_reference) {
   if (!cpu::cpu_has_avx2_fma()) return;
-  check_all_shapes<Bf16>(true);
+  check_all_shapes<Bf16>(cpu::Isa::kAvx2);
+}
+
+MOEFAST_TEST(avx512_float_matches_double_reference) {
+  if (!cpu::cpu_has_avx512()) {
+    std::printf("  (no AVX-512 F/BW/VL on this CPU: skipped)\n");
+    return;
+  }
+  check_all_shapes<float>(cpu::Isa::kAvx512);
+}
+
+MOEFAST_TEST(avx512_bf16_matches_double_reference) {
+  if (!cpu::cpu_has_avx512()) return;
+  check_all_shapes<Bf16>(cpu::Isa::kAvx512);
+}
+
+// The best ISA is one the CPU runs, and the vector paths are picked in order of width.
+MOEFAST_TEST(best_isa_is_available) {
+  const cpu::Isa best = cpu::best_isa();
+  CHECK(cpu::isa_available(best));
+  CHECK(cpu::isa_available(cpu::Isa::kPortable));
+  if (cpu::cpu_has_avx512()) CHECK(best == cpu::Isa::kAvx512);
 }
 
 // Over the whole range of the gate, including where the sigmoid saturates and where exp over- or
@@ -111,18 +142,18 @@ MOEFAST_TEST(avx2_bf16_matches_double_reference) {
 // reference. (Near the saturation of the sigmoid, 1 + exp(-g) rounds to 1 or to 1 + 2^-23
 // depending on the last bit of exp, so the two float paths may differ there by about g * 2^-23
 // while both stay that close to the exact value.)
-MOEFAST_TEST(avx2_and_portable_over_the_gate_range) {
-  if (!cpu::cpu_has_avx2_fma()) return;
+MOEFAST_TEST(vector_and_portable_over_the_gate_range) {
   const int64_t H = 4001;
   std::vector<float> h(static_cast<size_t>(2 * H)), g(static_cast<size_t>(H), 0.75f);
   for (int64_t c = 0; c < H; ++c) {
     h[c] = -200.0f + 400.0f * static_cast<float>(c) / static_cast<float>(H - 1);
     h[H + c] = 1.5f;
   }
-  for (bool simd : {true, false}) {
+  for (cpu::Isa isa : {cpu::Isa::kAvx512, cpu::Isa::kAvx2, cpu::Isa::kPortable}) {
+    if (!cpu::isa_available(isa)) continue;
     std::vector<float> o(H), d(2 * H);
-    cpu::swiglu_forward<float, float>(h.data(), o.data(), 1, H, simd, SerialFor{});
-    cpu::swiglu_backward<float, float>(g.data(), h.data(), d.data(), 1, H, simd, SerialFor{});
+    cpu::swiglu_forward<float, float>(h.data(), o.data(), 1, H, isa, SerialFor{});
+    cpu::swiglu_backward<float, float>(g.data(), h.data(), d.data(), 1, H, isa, SerialFor{});
     for (int64_t c = 0; c < H; ++c) {
       const double x = h[c], s = sigmoid(x);
       const double fwd = x * s * 1.5, dgate = 0.75 * 1.5 * s * (1 + x * (1 - s)),
@@ -136,19 +167,20 @@ MOEFAST_TEST(avx2_and_portable_over_the_gate_range) {
 }
 
 MOEFAST_TEST(nan_gate_gives_nan) {
-  for (bool simd : {false, true}) {
-    if (simd && !cpu::cpu_has_avx2_fma()) continue;
+  for (cpu::Isa isa : {cpu::Isa::kPortable, cpu::Isa::kAvx2, cpu::Isa::kAvx512}) {
+    if (!cpu::isa_available(isa)) continue;
     const float nan = std::numeric_limits<float>::quiet_NaN();
     std::vector<float> h(16, 1.0f), g(8, 1.0f), o(8), d(16);
     h[3] = nan;
-    cpu::swiglu_forward<float, float>(h.data(), o.data(), 1, 8, simd, SerialFor{});
-    cpu::swiglu_backward<float, float>(g.data(), h.data(), d.data(), 1, 8, simd, SerialFor{});
+    cpu::swiglu_forward<float, float>(h.data(), o.data(), 1, 8, isa, SerialFor{});
+    cpu::swiglu_backward<float, float>(g.data(), h.data(), d.data(), 1, 8, isa, SerialFor{});
     CHECK(std::isnan(o[3]) && std::isnan(d[3]) && std::isnan(d[8 + 3]));
     CHECK(!std::isnan(o[2]) && !std::isnan(d[2]));
   }
 }
 
-// Bf16 rounds to nearest even like c10::BFloat16, and the AVX2 store rounds exactly like it.
+// Bf16 rounds to nearest even like c10::BFloat16, and the AVX2 and AVX-512 stores round exactly
+// like it (the AVX-512 one also through its masked tail).
 MOEFAST_TEST(bf16_rounding) {
   auto bits = [](float f) { return Bf16(f).bits; };
   CHECK_EQ(bits(1.0f), uint16_t{0x3f80});
@@ -178,6 +210,16 @@ MOEFAST_TEST(bf16_rounding) {
   for (size_t i = 0; i < vals.size(); i += 8) store8(vals.data() + i, out.data() + i);
   int64_t differ = 0;
   for (size_t i = 0; i < vals.size(); ++i) differ += out[i].bits != Bf16::from_float(vals[i]);
+  CHECK_EQ(differ, int64_t{0});
+  if (!cpu::cpu_has_avx512()) return;
+  // Full vectors, then a masked store of 5 lanes that must leave the 11 after it untouched.
+  std::vector<Bf16> out16(vals.size() + 16, Bf16(-77.0f));
+  for (size_t i = 0; i < vals.size(); i += 16) store16(vals.data() + i, out16.data() + i, 16);
+  store16(vals.data(), out16.data() + vals.size(), 5);
+  differ = 0;
+  for (size_t i = 0; i < vals.size(); ++i) differ += out16[i].bits != Bf16::from_float(vals[i]);
+  for (size_t i = 0; i < 5; ++i) differ += out16[vals.size() + i].bits != Bf16::from_float(vals[i]);
+  for (size_t i = 5; i < 16; ++i) differ += out16[vals.size() + i].bits != Bf16(-77.0f).bits;
   CHECK_EQ(differ, int64_t{0});
 #endif
 }
