@@ -392,7 +392,8 @@ def swiglu(h: Tensor) -> Tensor:
     ``h [..., 2H]``, any leading shape, any float dtype; 16-bit inputs compute in float32. One
     pass forward and one backward, which writes the gradients of both halves straight into the
     ``[gate | up]`` layout (no ``chunk``/``cat``); the backward keeps ``h`` and recomputes the
-    sigmoid. On the CPU the float32 and bfloat16 loops use AVX2 where the machine has it.
+    sigmoid. On x86-64 CPUs the float32 and bfloat16 loops use AVX-512, or else AVX2, chosen at
+    run time.
     """
     op = "swiglu"
     if not isinstance(h, Tensor):

@@ -273,3 +273,22 @@ def test_small_end_to_end_run(tmp_path, monkeypatch):
     w = res["gate_by_class"]["prob"]
     assert np.allclose(np.nansum(w, axis=1), 1.0, atol=1e-5)
     assert 0.0 <= res["study"]["any_right"] <= 1.0
+
+
+def test_paired_difference_sign_flip_test():
+    from moefast.fusion.report import paired_difference
+
+    # Every seed better by the same margin: p is the smallest possible, 2 / 2**n.
+    r = paired_difference([0.9] * 6, [0.8] * 6)
+    assert r["wins"] == 6 and r["ties"] == 0
+    assert r["mean_diff"] == pytest.approx(0.1)
+    assert r["p_sign_flip"] == pytest.approx(2 / 2**6)
+    # Symmetric differences: no evidence either way.
+    r = paired_difference([0.5, 0.7, 0.6, 0.6], [0.6, 0.6, 0.5, 0.7])
+    assert r["mean_diff"] == pytest.approx(0.0)
+    assert r["p_sign_flip"] == pytest.approx(1.0)
+    # Differences +3, +1, -1: |+-3 +-1 +-1| >= 3 for 6 of the 8 sign patterns.
+    r = paired_difference([0.83, 0.81, 0.79], [0.80, 0.80, 0.80])
+    assert r["wins"] == 2 and r["p_sign_flip"] == pytest.approx(0.75)
+    with pytest.raises(ValueError, match="seeds"):
+        paired_difference([0.1, 0.2], [0.1])
