@@ -28,9 +28,16 @@ inline std::atomic<bool>& poison_outputs_flag() {
   return flag;
 }
 
-// Allocates a kernel output (poisoned when the debug switch is on).
+// csrc/cpu_cache.cpp: an empty CPU tensor from moefast's caching allocator (large blocks are kept
+// when freed and reused for the next output of the same size).
+at::Tensor empty_cpu_cached(at::IntArrayRef sizes, at::ScalarType dtype);
+
+// Allocates a kernel output (poisoned when the debug switch is on); CPU outputs come from the
+// caching allocator.
 inline at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  at::Tensor out = at::empty(sizes, options);
+  at::Tensor out = options.device().is_cpu() && options.layout() == at::kStrided
+                       ? empty_cpu_cached(sizes, c10::typeMetaToScalarType(options.dtype()))
+                       : at::empty(sizes, options);
   if (poison_outputs_flag().load(std::memory_order_relaxed)) {
     if (at::isFloatingType(out.scalar_type())) {
       out.fill_(std::numeric_limits<double>::quiet_NaN());

@@ -12,6 +12,13 @@ std::string grouped_mm_backend(const at::Tensor& a, const at::Tensor& b, bool we
 }  // namespace moefast::cuda
 #endif
 
+namespace moefast {
+// csrc/cpu_cache.cpp
+void cpu_cache_empty();
+void cpu_cache_set_limit(int64_t bytes);
+std::tuple<int64_t, int64_t, int64_t, int64_t> cpu_cache_stats();
+}  // namespace moefast
+
 #ifndef MOEFAST_VERSION
 #define MOEFAST_VERSION "0.0.0"
 #endif
@@ -43,6 +50,24 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "poison_outputs", []() { return moefast::poison_outputs_flag().load(); },
       "Whether kernel outputs are poisoned before they are written.");
+  m.def("cpu_cache_empty", &moefast::cpu_cache_empty,
+        "Frees the idle blocks of the caching allocator behind moefast's large CPU outputs.");
+  m.def("cpu_cache_set_limit", &moefast::cpu_cache_set_limit, pybind11::arg("bytes"),
+        "Caps the bytes of idle blocks the CPU output cache keeps (0: keep none); frees the idle "
+        "blocks if they are over it.");
+  m.def(
+      "cpu_cache_stats",
+      []() {
+        auto [idle, cap, hits, misses] = moefast::cpu_cache_stats();
+        pybind11::dict d;
+        d["idle_bytes"] = idle;
+        d["limit_bytes"] = cap;
+        d["hits"] = hits;
+        d["misses"] = misses;
+        return d;
+      },
+      "The CPU output cache: idle bytes, the cap, and reuse hits and misses (blocks of 1 MiB and "
+      "more).");
   m.def(
       "parallel_info", []() { return at::get_parallel_info(); },
       "ATen's description of its CPU threading (OpenMP, MKL, threads), as the kernels see it.");
