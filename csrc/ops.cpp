@@ -27,6 +27,19 @@ TORCH_LIBRARY(moefast, m) {
   m.def("swiglu(Tensor h) -> Tensor");
   // grad_out [..., H], h [..., 2H] -> grad_h [..., 2H] (both halves, in h's layout).
   m.def("swiglu_backward(Tensor grad_out, Tensor h) -> Tensor");
+  // The SwiGLU expert MLP per group: x [N, d], w1 [E, d, 2H], b1 [E, 2H], w2 [E, H, d], b2 [E, d],
+  // offs [E] -> y [N, d] = swiglu(x_e w1_e + b1_e) w2_e + b2_e, with h [N, 2H] (the [gate | up]
+  // pre-activation) and act [N, H] (the SwiGLU output) for the backward. CPU only: it reorders
+  // grouped_mm -> swiglu -> grouped_mm expert by expert.
+  m.def(
+      "grouped_swiglu_mlp(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, Tensor offs) -> "
+      "(Tensor, Tensor, Tensor)");
+  // -> grad_x [N, d] ([0, d] unless input_grad), grad_w1, grad_w2, grad_b1 [E, 2H] and
+  // grad_b2 [E, d] ([0, ...] unless bias).
+  m.def(
+      "grouped_swiglu_mlp_backward(Tensor grad_y, Tensor x, Tensor w1, Tensor w2, Tensor offs, "
+      "Tensor h, Tensor act, bool input_grad, bool bias) -> "
+      "(Tensor, Tensor, Tensor, Tensor, Tensor)");
   // a [N, K], grad_out [N, M], offs [E] -> grad_b [E, K, M] = a_e^T @ grad_out_e per group.
   m.def("grouped_mm_weight_grad(Tensor a, Tensor grad_out, Tensor offs) -> Tensor");
   // grad_out [N, M], offs [E] -> grad_bias [E, M], the sum of each group's rows.

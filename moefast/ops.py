@@ -36,6 +36,7 @@ __all__ = [
     "apply_capacity",
     "grouped_mm",
     "grouped_mm_act",
+    "grouped_swiglu_mlp",
     "load_balancing_loss",
     "mixture",
     "permute",
@@ -408,6 +409,79 @@ def swiglu(h: Tensor) -> Tensor:
         return _ops.swiglu(h)
 
 
+def grouped_swiglu_mlp(
+    x: Tensor,
+    w1: Tensor,
+    b1: Tensor | None,
+    w2: Tensor,
+    b2: Tensor | None,
+    offs: Tensor,
+) -> Tensor:
+    """The SwiGLU expert MLP on rows grouped by expert:
+    ``grouped_mm(swiglu(grouped_mm(x, w1, offs, b1)), w2, offs, b2)``.
+
+    ``x [N, d]``, ``w1 [E, d, 2H]`` (``[gate | up]`` columns), ``b1 [E, 2H]`` or None,
+    ``w2 [E, H, d]``, ``b2 [E, d]`` or None, ``offs [E]`` as in :func:`grouped_mm` -> ``[N, d]``.
+    On the CPU (outside autocast) one op does it expert by expert: each expert's pre-activation
+    becomes its activation while in cache, and the backward keeps each expert's activation and
+    pre-activation gradients in a reused scratch buffer instead of two fresh ``[N, H]`` and
+    ``[N, 2H]`` tensors per step, running the expert's five GEMMs back to back. The results are
+    those of the composition up to rounding (the same GEMMs and SwiGLU loops). Elsewhere (CUDA,
+    autocast) it is the composition of :func:`grouped_mm` and :func:`swiglu`.
+    """
+    op = "grouped_swiglu_mlp"
+    _check_tensor(op, "x", x, 2, "[N, d]")
+    _check_tensor(op, "w1", w1, 3, "[E, d, 2H]")
+    _check_tensor(op, "w2", w2, 3, "[E, H, d]")
+    _check_tensor(op, "offs", offs, 1, "[E]")
+    _check_float(op, "x", x)
+    if w1.shape[2] % 2 != 0:
+        raise ValueError(
+            f"moefast.{op}: w1 needs an even number of output columns [gate | up], "
+            f"got w1 {tuple(w1.shape)}"
+        )
+    E, d, H = w1.shape[0], x.shape[1], w1.shape[2] // 2
+    if w1.shape[1] != d:
+        raise ValueError(
+            f"moefast.{op}: x [N, d] and w1 [E, d, 2H] must agree on d, "
+            f"got x {tuple(x.shape)} and w1 {tuple(w1.shape)}"
+        )
+    if tuple(w2.shape) != (E, H, d):
+        raise ValueError(
+            f"moefast.{op}: w2 must be [E, H, d] = [{E}, {H}, {d}] for w1 {tuple(w1.shape)}, "
+            f"got {tuple(w2.shape)}"
+        )
+    for name, b, cols in (("b1", b1, 2 * H), ("b2", b2, d)):
+        if b is not None:
+            _check_tensor(op, name, b, 2, f"[E, {cols}]")
+            if tuple(b.shape) != (E, cols):
+                raise ValueError(
+                    f"moefast.{op}: {name} must be [E, {cols}] = [{E}, {cols}], "
+                    f"got {tuple(b.shape)}"
+                )
+    tensors = [("w1", w1), ("w2", w2), ("offs", offs)]
+    tensors += [(n, b) for n, b in (("b1", b1), ("b2", b2)) if b is not None]
+    for name, t in tensors:
+        _check_device(op, "x", x, name, t)
+    if offs.dtype != torch.int32:
+        raise TypeError(f"moefast.{op}: offs must be int32, got {offs.dtype}")
+    if offs.shape[0] != E:
+        raise ValueError(
+            f"moefast.{op}: offs must have one entry per expert, E = {E}, got {offs.shape[0]}"
+        )
+    autocast = _autocast_enabled(x.device)
+    same = all(t.dtype == x.dtype for n, t in tensors if n != "offs")
+    if not same and not autocast:
+        mixed = {n: t.dtype for n, t in tensors if n != "offs" and t.dtype != x.dtype}
+        raise TypeError(
+            f"moefast.{op}: the weights must have the dtype of x, {x.dtype}; got {mixed}"
+        )
+    if x.device.type != "cpu" or autocast:
+        return grouped_mm(swiglu(grouped_mm(x, w1, offs, b1)), w2, offs, b2)
+    with _range(op):
+        return _ops.grouped_swiglu_mlp(x, w1, b1, w2, b2, offs)[0]
+
+
 def mixture(gate_logits: Tensor, expert_out: Tensor) -> Tensor:
     """Gated mixture ``out[b] = sum_e softmax(gate_logits[b])[e] * expert_out[e, b]``, fused.
 
@@ -545,6 +619,24 @@ def _swiglu_fake(h):
 @torch.library.register_fake("moefast::swiglu_backward")
 def _swiglu_backward_fake(grad_out, h):
     return torch.empty_like(h, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("moefast::grouped_swiglu_mlp")
+def _grouped_swiglu_mlp_fake(x, w1, b1, w2, b2, offs):
+    n, h2 = x.shape[0], w1.shape[2]
+    return x.new_empty((n, x.shape[1])), x.new_empty((n, h2)), x.new_empty((n, h2 // 2))
+
+
+@torch.library.register_fake("moefast::grouped_swiglu_mlp_backward")
+def _grouped_swiglu_mlp_backward_fake(grad_y, x, w1, w2, offs, h, act, input_grad, bias):
+    E = w1.shape[0]
+    return (
+        x.new_empty((x.shape[0] if input_grad else 0, x.shape[1])),
+        w1.new_empty(w1.shape),
+        w2.new_empty(w2.shape),
+        x.new_empty((E if bias else 0, w1.shape[2])),
+        x.new_empty((E if bias else 0, x.shape[1])),
+    )
 
 
 @torch.library.register_fake("moefast::mixture")
@@ -711,6 +803,41 @@ def _swiglu_backward(ctx, grad_out):
 
 
 torch.library.register_autograd("moefast::swiglu", _swiglu_backward, setup_context=_swiglu_setup)
+
+
+def _grouped_swiglu_mlp_setup(ctx, inputs, output):
+    x, w1, b1, w2, b2, offs = inputs
+    _, h, act = output
+    ctx.mark_non_differentiable(h, act)  # saved for the backward, not results
+    ctx.set_materialize_grads(False)
+    ctx.bias = (b1 is not None, b2 is not None)
+    ctx.save_for_backward(x, w1, w2, offs, h, act)
+
+
+def _grouped_swiglu_mlp_backward(ctx, grad_y, _grad_h, _grad_act):
+    if grad_y is None:
+        return None, None, None, None, None, None
+    with _range("grouped_swiglu_mlp.backward"):
+        x, w1, w2, offs, h, act = ctx.saved_tensors
+        has_b1, has_b2 = ctx.bias
+        gx, gw1, gw2, gb1, gb2 = _ops.grouped_swiglu_mlp_backward(
+            grad_y, x, w1, w2, offs, h, act, ctx.needs_input_grad[0], has_b1 or has_b2
+        )
+        return (
+            gx if ctx.needs_input_grad[0] else None,
+            gw1 if ctx.needs_input_grad[1] else None,
+            gb1 if has_b1 and ctx.needs_input_grad[2] else None,
+            gw2 if ctx.needs_input_grad[3] else None,
+            gb2 if has_b2 and ctx.needs_input_grad[4] else None,
+            None,
+        )
+
+
+torch.library.register_autograd(
+    "moefast::grouped_swiglu_mlp",
+    _grouped_swiglu_mlp_backward,
+    setup_context=_grouped_swiglu_mlp_setup,
+)
 
 
 def _mixture_setup(ctx, inputs, output):

@@ -159,6 +159,19 @@ def swiglu(h: Tensor) -> Tensor:
     return (torch.nn.functional.silu(gate) * up).to(h.dtype)
 
 
+def grouped_swiglu_mlp(
+    x: Tensor,
+    w1: Tensor,
+    b1: Tensor | None,
+    w2: Tensor,
+    b2: Tensor | None,
+    offs: Tensor,
+) -> Tensor:
+    """:func:`grouped_mm` -> :func:`swiglu` -> :func:`grouped_mm`, each rounded to the input dtype
+    (the pre-activation and the activation are stored in it)."""
+    return grouped_mm(swiglu(grouped_mm(x, w1, offs, b1)), w2, offs, b2)
+
+
 def mixture(gate_logits: Tensor, expert_out: Tensor) -> Tensor:
     """``out[b] = sum_e softmax(gate_logits[b])[e] * expert_out[e, b]``."""
     acc = opmath_dtype(gate_logits.dtype)

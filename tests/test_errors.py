@@ -816,3 +816,64 @@ def test_swiglu_bad_inputs(gen):
     _raises(ValueError, "grad_out must have the shape of swiglu", _ops.swiglu_backward, g, h[:2])
     _raises(TypeError, "grad_out and h must share a dtype", _ops.swiglu_backward, g.double(), h)
     _raises(ValueError, "last dimension of h must be even", _ops.swiglu_backward, g, h[:, :5])
+
+
+# ----------------------------------------------------------------------------- grouped_swiglu_mlp
+
+
+def test_grouped_swiglu_mlp_bad_inputs(gen):
+    E, d, H, N = 3, 4, 2, 7
+    x = randn(N, d, gen=gen)
+    w1, w2 = randn(E, d, 2 * H, gen=gen), randn(E, H, d, gen=gen)
+    b1, b2 = randn(E, 2 * H, gen=gen), randn(E, d, gen=gen)
+    offs = offs_from_counts([2, 0, 4])
+    f = moefast.grouped_swiglu_mlp
+    _raises(ValueError, "x must be 2-D", f, x[None], w1, b1, w2, b2, offs)
+    _raises(ValueError, "w1 needs an even number", f, x, w1[:, :, :3], b1, w2, b2, offs)
+    _raises(ValueError, "must agree on d", f, x[:, :3], w1, b1, w2, b2, offs)
+    _raises(ValueError, r"w2 must be \[E, H, d\] = \[3, 2, 4\]", f, x, w1, b1, w2[:, :1], b2, offs)
+    _raises(ValueError, r"b1 must be \[E, 4\]", f, x, w1, b1[:, :3], w2, b2, offs)
+    _raises(ValueError, r"b2 must be \[E, 4\]", f, x, w1, b1, w2, b2[:2], offs)
+    _raises(TypeError, "offs must be int32", f, x, w1, b1, w2, b2, offs.long())
+    _raises(ValueError, "one entry per expert", f, x, w1, b1, w2, b2, offs[:2])
+    _raises(TypeError, "the weights must have the dtype of x", f, x, w1.double(), b1, w2, b2, offs)
+    _raises(TypeError, "x must be float32", f, x.long(), w1, b1, w2, b2, offs)
+    _raises(
+        ValueError, "offs\\[-1\\] = 9 is past", f, x, w1, b1, w2, b2, offs_from_counts([2, 3, 4])
+    )
+    _raises(
+        ValueError,
+        "non-decreasing",
+        f,
+        x,
+        w1,
+        b1,
+        w2,
+        b2,
+        torch.tensor([3, 1, 5], dtype=torch.int32),
+    )
+    # The raw ops check in C++ too, naming the argument.
+    op, bwd = torch.ops.moefast.grouped_swiglu_mlp, torch.ops.moefast.grouped_swiglu_mlp_backward
+    _raises(ValueError, "w2 must be \\[E, H, d\\]", op, x, w1, b1, w2[:, :1], b2, offs)
+    _raises(ValueError, "w1 must have an even number", op, x, w1[:, :, :3], None, w2, None, offs)
+    _raises(TypeError, "b1 must have the dtype of x", op, x, w1, b1.double(), w2, b2, offs)
+    _raises(ValueError, "b2 must be \\[3, 4\\]", op, x, w1, b1, w2, b2[:, :2], offs)
+    h, act, g = randn(N, 2 * H, gen=gen), randn(N, H, gen=gen), randn(N, d, gen=gen)
+    _raises(
+        ValueError, "grad_y must be \\[7, 4\\]", bwd, g[:5], x, w1, w2, offs, h, act, True, True
+    )
+    _raises(ValueError, "h must be \\[7, 4\\]", bwd, g, x, w1, w2, offs, h[:, :3], act, True, True)
+    _raises(
+        TypeError,
+        "act must have the dtype of x",
+        bwd,
+        g,
+        x,
+        w1,
+        w2,
+        offs,
+        h,
+        act.double(),
+        True,
+        True,
+    )

@@ -114,6 +114,27 @@ def test_gradcheck_swiglu(shape, gen):
     _gradcheck(moefast.swiglu, (h,))
 
 
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_gradcheck_grouped_swiglu_mlp(bias, gen):
+    """First and second derivatives of the fused CPU expert MLP (an empty expert, a tail row)."""
+    offs = offs_from_counts([2, 0, 3])
+    x = randn(6, 3, gen=gen, dtype=f64, requires_grad=True)
+    w1 = randn(3, 3, 4, gen=gen, dtype=f64, requires_grad=True)
+    w2 = randn(3, 2, 3, gen=gen, dtype=f64, requires_grad=True)
+    if bias:
+        b1 = randn(3, 4, gen=gen, dtype=f64, requires_grad=True)
+        b2 = randn(3, 3, gen=gen, dtype=f64, requires_grad=True)
+        _gradcheck(
+            lambda x_, w1_, b1_, w2_, b2_: moefast.grouped_swiglu_mlp(x_, w1_, b1_, w2_, b2_, offs),
+            (x, w1, b1, w2, b2),
+        )
+    else:
+        _gradcheck(
+            lambda x_, w1_, w2_: moefast.grouped_swiglu_mlp(x_, w1_, None, w2_, None, offs),
+            (x, w1, w2),
+        )
+
+
 def test_gradcheck_mixture(gen):
     gate = randn(3, 4, gen=gen, dtype=f64, requires_grad=True)
     eo = randn(4, 3, 2, gen=gen, dtype=f64, requires_grad=True)

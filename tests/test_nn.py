@@ -68,6 +68,31 @@ def test_moe_matches_reference_forward_and_backward(router, k, normalize, activa
         torch.testing.assert_close(g, w, msg=lambda m, name=name: f"{name}: {m}")
 
 
+def test_moe_swiglu_training_runs_the_fused_op_unless_hooked(monkeypatch):
+    """In training, a SwiGLU MoE on the CPU runs its experts as one grouped_swiglu_mlp; a forward
+    hook on w1 or w2 (or a subclass) makes it call the modules instead, so the hook still fires.
+    Both give the same results."""
+    torch.manual_seed(0)
+    moe = MoE(8, 6, 4, k=2, activation="swiglu")
+    x = torch.randn(10, 8, requires_grad=True)
+    calls = []
+    real = moefast.ops.grouped_swiglu_mlp
+    monkeypatch.setattr(moefast.ops, "grouped_swiglu_mlp", lambda *a: calls.append(1) or real(*a))
+    y_fused = moe(x)
+    assert calls == [1]
+    seen = []
+    handle = moe.w1.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    y_hooked = moe(x)
+    handle.remove()
+    assert calls == [1] and seen == [(20, 12)]
+    torch.testing.assert_close(y_fused, y_hooked)
+    g = torch.randn_like(y_fused)
+    got = torch.autograd.grad(y_fused, [x, *moe.parameters()], g)
+    want = torch.autograd.grad(y_hooked, [x, *moe.parameters()], g)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
+
+
 def test_grouped_linear_bias_only_on_routed_rows():
     torch.manual_seed(1)
     lin = GroupedLinear(3, 5, 4)

@@ -110,6 +110,60 @@ def _samples(dtype, gen):
             _ops.swiglu_backward.default,
             (randn(T, h, gen=gen, dtype=dtype), randn(T, 2 * h, gen=gen, dtype=dtype)),
         ),
+        (
+            "grouped_swiglu_mlp",
+            _ops.grouped_swiglu_mlp.default,
+            (
+                rg(a.clone()),
+                rg(randn(E, d, 2 * h, gen=gen, dtype=dtype)),
+                None,
+                rg(randn(E, h, d, gen=gen, dtype=dtype)),
+                None,
+                offs,
+            ),
+        ),
+        (
+            "grouped_swiglu_mlp-bias",
+            _ops.grouped_swiglu_mlp.default,
+            (
+                rg(a.clone()),
+                rg(randn(E, d, 2 * h, gen=gen, dtype=dtype)),
+                rg(randn(E, 2 * h, gen=gen, dtype=dtype)),
+                rg(randn(E, h, d, gen=gen, dtype=dtype)),
+                rg(randn(E, d, gen=gen, dtype=dtype)),
+                offs,
+            ),
+        ),
+        (
+            "grouped_swiglu_mlp_backward",
+            _ops.grouped_swiglu_mlp_backward.default,
+            (
+                randn(n, d, gen=gen, dtype=dtype),
+                a,
+                randn(E, d, 2 * h, gen=gen, dtype=dtype),
+                randn(E, h, d, gen=gen, dtype=dtype),
+                offs,
+                randn(n, 2 * h, gen=gen, dtype=dtype),
+                randn(n, h, gen=gen, dtype=dtype),
+                True,
+                True,
+            ),
+        ),
+        (
+            "grouped_swiglu_mlp_backward-weights-only",
+            _ops.grouped_swiglu_mlp_backward.default,
+            (
+                randn(n, d, gen=gen, dtype=dtype),
+                a,
+                randn(E, d, 2 * h, gen=gen, dtype=dtype),
+                randn(E, h, d, gen=gen, dtype=dtype),
+                offs,
+                randn(n, 2 * h, gen=gen, dtype=dtype),
+                randn(n, h, gen=gen, dtype=dtype),
+                False,
+                False,
+            ),
+        ),
         ("mixture", _ops.mixture.default, (rg(gate.clone()), rg(eo.clone()))),
         (
             "mixture_backward",
@@ -147,6 +201,8 @@ _HALF_NAMES = [
     "mixture_backward",
     "swiglu",
     "swiglu_backward",
+    "grouped_swiglu_mlp-bias",
+    "grouped_swiglu_mlp_backward",
 ]
 _CASES = [(n, torch.float32) for n in _NAMES] + [(n, torch.bfloat16) for n in _HALF_NAMES]
 

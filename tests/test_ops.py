@@ -429,6 +429,137 @@ def test_swiglu_larger_parallel(gen):
     assert_close(grads(out, [h], g)[0], grads(out_ref, [h_ref], g)[0], grad=True)
 
 
+# ----------------------------------------------------------------------------- grouped_swiglu_mlp
+
+
+def _mlp_inputs(counts, N, d, H, dtype, gen, bias=True):
+    E = len(counts)
+    x = randn(N, d, gen=gen, dtype=dtype, requires_grad=True)
+    # Weights scaled by 1/sqrt(fan-in), as nn.Linear initialises them, so that every stage stays
+    # O(1) and the dtype tolerances mean the same at any width.
+    w1 = randn(E, d, 2 * H, gen=gen, dtype=dtype, scale=d**-0.5, requires_grad=True)
+    w2 = randn(E, H, d, gen=gen, dtype=dtype, scale=H**-0.5, requires_grad=True)
+    b1 = randn(E, 2 * H, gen=gen, dtype=dtype, requires_grad=True) if bias else None
+    b2 = randn(E, d, gen=gen, dtype=dtype, requires_grad=True) if bias else None
+    return x, w1, b1, w2, b2, offs_from_counts(counts)
+
+
+def _check_mlp_against_reference(x, w1, b1, w2, b2, offs, gen):
+    out = moefast.grouped_swiglu_mlp(x, w1, b1, w2, b2, offs)
+    inputs = [t for t in (x, w1, b1, w2, b2) if t is not None]
+    leaves = [leaf(t) for t in inputs]
+    it = iter(leaves)
+    refs = [next(it) if t is not None else None for t in (x, w1, b1, w2, b2)]
+    out_ref = ref.grouped_swiglu_mlp(*refs, offs)
+    assert out.shape == out_ref.shape and out.dtype == x.dtype
+    assert_close(out, out_ref)
+    used = int(offs[-1]) if offs.numel() else 0
+    assert torch.count_nonzero(out[used:]) == 0  # rows past offs[-1] are zeros
+    g = randn(*out.shape, gen=gen, dtype=x.dtype)
+    got = grads(out, inputs, g)
+    want = grads(out_ref, leaves, g)
+    for a, b in zip(got, want, strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert_close(a, b, grad=True)
+    return got
+
+
+@dtypes
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize(
+    "counts, N",
+    [([3, 0, 5, 2], 12), ([0, 9, 0], 9), ([0, 0], 3), ([0, 0, 0], 0), ([4, 4, 4], 12)],
+    ids=["empty-expert+tail", "all-on-one", "no-rows-used", "zero-tokens", "even"],
+)
+def test_grouped_swiglu_mlp_matches_reference(counts, N, bias, dtype, gen):
+    """Forward and every gradient against grouped_mm -> swiglu -> grouped_mm in plain PyTorch,
+    with poisoned outputs: an expert with no rows, all rows on one expert, rows past offs[-1],
+    zero tokens."""
+    args = _mlp_inputs(counts, N, 5, 3, dtype, gen, bias=bias)
+    got = _check_mlp_against_reference(*args, gen)
+    gw1, gw2 = got[1], got[3 if bias else 2]
+    for e, c in enumerate(counts):
+        if c == 0:  # an expert with no rows gets zero weight gradients, not garbage
+            assert torch.count_nonzero(gw1[e]) == 0 and torch.count_nonzero(gw2[e]) == 0
+    if N:
+        assert torch.count_nonzero(got[0][int(args[-1][-1]) :]) == 0  # tail rows: zero grad
+
+
+def test_grouped_swiglu_mlp_equals_composition_on_cpu(gen):
+    """The fused CPU op and the composition of the public ops give the same forward bits (same
+    BLAS calls and SwiGLU rows) and the same gradients up to rounding."""
+    for dtype in (torch.float32, torch.bfloat16):
+        x, w1, b1, w2, b2, offs = _mlp_inputs([40, 0, 70, 13], 130, 24, 16, dtype, gen)
+        fused = moefast.grouped_swiglu_mlp(x, w1, b1, w2, b2, offs)
+        comp = moefast.grouped_mm(moefast.swiglu(moefast.grouped_mm(x, w1, offs, b1)), w2, offs, b2)
+        assert torch.equal(fused, comp)
+        g = randn(*fused.shape, gen=gen, dtype=dtype)
+        got = grads(fused, [x, w1, b1, w2, b2], g)
+        want = grads(comp, [x, w1, b1, w2, b2], g)
+        for a, b in zip(got, want, strict=True):
+            assert_close(a, b, grad=True)
+
+
+@pytest.mark.parametrize("how", ["x-transposed", "weights-transposed", "grad-strided"])
+def test_grouped_swiglu_mlp_non_contiguous(how, gen):
+    counts, N, d, H = [5, 0, 6], 13, 7, 4
+    x, w1, b1, w2, b2, offs = _mlp_inputs(counts, N, d, H, torch.float32, gen)
+    if how == "x-transposed":
+        x = randn(d, N, gen=gen).t().requires_grad_(True)
+    elif how == "weights-transposed":
+        w1 = randn(3, 2 * H, d, gen=gen).transpose(1, 2).requires_grad_(True)
+        w2 = randn(3, d, H, gen=gen).transpose(1, 2).requires_grad_(True)
+    out = moefast.grouped_swiglu_mlp(x, w1, b1, w2, b2, offs)
+    leaves = [leaf(t) for t in (x, w1, b1, w2, b2)]
+    out_ref = ref.grouped_swiglu_mlp(*leaves, offs)
+    assert_close(out, out_ref)
+    g = randn(N, 2 * d, gen=gen)[:, ::2] if how == "grad-strided" else randn(N, d, gen=gen)
+    assert not g.is_contiguous() or how != "grad-strided"
+    for a, b in zip(grads(out, [x, w1, b1, w2, b2], g), grads(out_ref, leaves, g), strict=True):
+        assert_close(a, b, grad=True)
+
+
+def test_grouped_swiglu_mlp_group_paths_and_scratch_reuse(gen):
+    """Small groups run in parallel over experts (a scratch buffer per thread), large ones one
+    after the other; calls of growing and shrinking sizes and of another dtype reuse and regrow
+    the per-thread scratch without stale values leaking into a result."""
+    cases = [
+        ([300, 0, 212, 90], 64, 48, torch.float32),  # sequential path
+        ([3, 1, 0, 2, 5, 4, 1, 2], 6, 4, torch.float32),  # parallel path
+        ([500, 20], 16, 8, torch.bfloat16),  # another dtype, bigger scratch
+        ([2, 2], 4, 3, torch.float32),  # smaller again
+    ]
+    for counts, d, H, dtype in cases:
+        N = sum(counts) + 3
+        _check_mlp_against_reference(*_mlp_inputs(counts, N, d, H, dtype, gen), gen)
+
+
+@dtypes
+def test_grouped_swiglu_mlp_backward_raw_op(dtype, gen):
+    """The raw backward op: grad_x only when asked for, bias gradients only with bias."""
+    counts, d, H = [2, 0, 3], 4, 3
+    x, w1, b1, w2, b2, offs = _mlp_inputs(counts, 6, d, H, dtype, gen)
+    with torch.no_grad():
+        _, h, act = _ops.grouped_swiglu_mlp(x, w1, b1, w2, b2, offs)
+        assert_close(h, ref.grouped_mm(x, w1, offs, b1))
+        assert_close(act, ref.swiglu(h))
+        g = randn(6, d, gen=gen, dtype=dtype)
+        full = _ops.grouped_swiglu_mlp_backward(g, x, w1, w2, offs, h, act, True, True)
+        lean = _ops.grouped_swiglu_mlp_backward(g, x, w1, w2, offs, h, act, False, False)
+    assert [tuple(t.shape) for t in full] == [(6, d), (3, d, 2 * H), (3, H, d), (3, 2 * H), (3, d)]
+    assert [tuple(t.shape) for t in lean] == [(0, d), (3, d, 2 * H), (3, H, d), (0, 2 * H), (0, d)]
+    assert torch.equal(full[1], lean[1]) and torch.equal(full[2], lean[2])
+    assert_close(full[4], _group_sums(g, offs), grad=True)  # b2's gradient: row sums
+
+
+def _group_sums(t, offs):
+    begin, rows = 0, []
+    for end in offs.tolist():
+        rows.append(t[begin:end].double().sum(0))
+        begin = end
+    return torch.stack(rows).to(t.dtype)
+
+
 # ----------------------------------------------------------------------------- mixture
 
 

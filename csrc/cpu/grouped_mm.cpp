@@ -7,11 +7,8 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
-#include <algorithm>
-#include <atomic>
-#include <vector>
-
 #include "common.h"
+#include "grouped.h"
 
 namespace moefast {
 
@@ -20,48 +17,8 @@ at::Tensor swiglu_cpu_impl(const at::Tensor& h);
 
 namespace {
 
-// Checks offs against E groups and N rows: int32, 1-D, non-decreasing, within [0, N].
-void check_offs(const at::Tensor& offs, int64_t E, int64_t N, const char* op) {
-  check_dim(offs, 1, op, "offs", "[E]");
-  check_int32(offs, op, "offs");
-  TORCH_CHECK_VALUE(offs.size(0) == E, "moefast.", op,
-                    ": offs must have one entry per group, E = ", E, ", got ", offs.size(0));
-  const at::Tensor o = offs.contiguous();
-  const int32_t* p = o.const_data_ptr<int32_t>();
-  int32_t prev = 0;
-  for (int64_t e = 0; e < E; ++e) {
-    TORCH_CHECK_VALUE(p[e] >= prev, "moefast.", op, ": offs must be non-decreasing and >= 0, got ",
-                      "offs[", e, "] = ", p[e], " after ", prev);
-    prev = p[e];
-  }
-  TORCH_CHECK_VALUE(E == 0 || prev <= N, "moefast.", op, ": offs[-1] = ", prev,
-                    " is past the number of rows N = ", N);
-}
-
-// Runs fn(e) for every expert: in parallel over experts when groups are small (each BLAS call is
-// then too small to use several threads well), otherwise one after the other with threaded BLAS.
-// In parallel, each thread takes the largest group not yet started (longest-processing-time
-// first), so that unequal groups still spread evenly.
-template <typename Fn>
-void for_each_group(const int32_t* ends, int64_t E, int64_t K, int64_t M, const Fn& fn) {
-  const int64_t rows = E == 0 ? 0 : ends[E - 1];
-  const double flops_per_group = 2.0 * static_cast<double>(rows) * K * M / std::max<int64_t>(E, 1);
-  if (E <= 1 || flops_per_group >= 4.0e6) {
-    for (int64_t e = 0; e < E; ++e) fn(e);
-    return;
-  }
-  std::vector<int64_t> order(static_cast<size_t>(E));
-  for (int64_t e = 0; e < E; ++e) order[e] = e;
-  std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) {
-    return group_end(ends, x) - group_begin(ends, x) > group_end(ends, y) - group_begin(ends, y);
-  });
-  std::atomic<int64_t> next{0};
-  const int64_t workers = std::min<int64_t>(at::get_num_threads(), E);
-  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    const KernelGuard guard;  // dispatch-key TLS does not follow into the worker threads
-    for (int64_t i = next.fetch_add(1); i < E; i = next.fetch_add(1)) fn(order[i]);
-  });
-}
+using cpu_grouped::check_offs;
+using cpu_grouped::for_each_group;
 
 at::Tensor grouped_mm_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor& offs,
                           const c10::optional<at::Tensor>& bias_opt) {

@@ -82,6 +82,35 @@ at::Tensor swiglu_cpu_impl(const at::Tensor& h) {
   return swiglu_cpu(h);
 }
 
+// Row-contiguous [n, 2H] -> [n, H] and its backward into caller-owned outputs (the per-expert
+// steps of csrc/cpu/swiglu_mlp.cpp); no checks beyond the caller's.
+void swiglu_into(const at::Tensor& h, at::Tensor& out) {
+  const int64_t H = out.size(-1);
+  const int64_t N = H == 0 ? 0 : out.numel() / H;
+  if (N == 0) return;
+  const cpu::Isa isa = cpu::best_isa();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "swiglu_into", [&] {
+    using kernel_t = typename KernelType<scalar_t>::type;
+    using acc_t = at::opmath_type<scalar_t>;
+    cpu::swiglu_forward<kernel_t, acc_t>(kptr<scalar_t>(h), kmut<scalar_t>(out), N, H, isa,
+                                         ATenParallelFor{});
+  });
+}
+
+void swiglu_backward_into(const at::Tensor& grad, const at::Tensor& h, at::Tensor& dh) {
+  const int64_t H = grad.size(-1);
+  const int64_t N = H == 0 ? 0 : grad.numel() / H;
+  if (N == 0) return;
+  const cpu::Isa isa = cpu::best_isa();
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, h.scalar_type(), "swiglu_backward_into", [&] {
+        using kernel_t = typename KernelType<scalar_t>::type;
+        using acc_t = at::opmath_type<scalar_t>;
+        cpu::swiglu_backward<kernel_t, acc_t>(kptr<scalar_t>(grad), kptr<scalar_t>(h),
+                                              kmut<scalar_t>(dh), N, H, isa, ATenParallelFor{});
+      });
+}
+
 TORCH_LIBRARY_IMPL(moefast, CPU, m) {
   m.impl("swiglu", &swiglu_cpu);
   m.impl("swiglu_backward", &swiglu_backward_cpu);

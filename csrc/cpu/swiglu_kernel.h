@@ -328,8 +328,7 @@ MOEFAST_TARGET_AVX512 inline __mmask16 tail_mask(int64_t n) {
 }
 
 template <typename T>
-MOEFAST_TARGET_AVX512 void forward_rows(const T* h, T* out, int64_t begin, int64_t end,
-                                        int64_t H) {
+MOEFAST_TARGET_AVX512 void forward_rows(const T* h, T* out, int64_t begin, int64_t end, int64_t H) {
   const __mmask16 tail = tail_mask(H % 16);
   for (int64_t r = begin; r < end; ++r) {
     const T* gate = h + r * 2 * H;

@@ -98,7 +98,9 @@ def paired_difference(a: list[float], b: list[float]) -> dict:
         rng = random.Random(0)
         total = 2**16
         signs = ([rng.choice((1.0, -1.0)) for _ in range(n)] for _ in range(total))
-    extreme = sum(abs(sum(s * x for s, x in zip(sg, d))) >= observed - 1e-12 for sg in signs)
+    extreme = sum(
+        abs(sum(s * x for s, x in zip(sg, d, strict=True))) >= observed - 1e-12 for sg in signs
+    )
     return {
         "n": n,
         "mean_diff": mean,

@@ -65,6 +65,18 @@ class GroupedLinear(nn.Module):
         )
 
 
+def _plain(m: nn.Module) -> bool:
+    """A GroupedLinear whose forward nothing overrides or hooks, so that a fused op may stand in
+    for calling it."""
+    from torch.nn.modules import module as _m
+
+    return (
+        type(m) is GroupedLinear
+        and not (m._forward_hooks or m._forward_pre_hooks)
+        and not (_m._global_forward_hooks or _m._global_forward_pre_hooks)
+    )
+
+
 class MoE(nn.Module):
     """A dropless mixture-of-experts feed-forward block.
 
@@ -149,17 +161,22 @@ class MoE(nn.Module):
         Without autograd (inference, ``torch.no_grad``) the first GEMM and the activation run as
         one :func:`moefast.grouped_mm_act`, which on CUDA applies the bias and the activation in
         the GEMM's epilogue; with autograd they stay apart, so that the backward reuses the
-        stored pre-activation instead of recomputing it.
+        stored pre-activation instead of recomputing it. A SwiGLU MLP in training runs as
+        :func:`moefast.grouped_swiglu_mlp`, expert by expert on the CPU.
         """
-        w1 = self.w1
+        w1, w2 = self.w1, self.w2
         needs_grad = torch.is_grad_enabled() and (
-            xs.requires_grad or any(p.requires_grad for p in w1.parameters())
+            xs.requires_grad
+            or any(p.requires_grad for p in w1.parameters())
+            or any(p.requires_grad for p in w2.parameters())
         )
+        if needs_grad and self.activation == "swiglu" and _plain(w1) and _plain(w2):
+            return ops.grouped_swiglu_mlp(xs, w1.weight, w1.bias, w2.weight, w2.bias, offs)
         if needs_grad:
             h = self._act(w1(xs, offs))
         else:
             h = ops.grouped_mm_act(xs, w1.weight, offs, w1.bias, self.activation)
-        return self.w2(h, offs)
+        return w2(h, offs)
 
     def _expert_outputs(self, xs: Tensor, routing: ops.Routing) -> Tensor:
         """Expert outputs of the permuted rows ``xs``; expert parallelism overrides this step."""

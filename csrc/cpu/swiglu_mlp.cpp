@@ -1,0 +1,199 @@
+// The SwiGLU expert MLP on the CPU, one expert at a time: y = swiglu(x W1_e + b1_e) W2_e + b2_e
+// on each expert's rows (offs: cumulative row ends, as grouped_mm).
+//
+// Numerically the same as grouped_mm -> swiglu -> grouped_mm and their backwards (the same BLAS
+// calls and the same SwiGLU rows); what changes is the order of the work and the memory it takes:
+//   - forward: an expert's [gate | up] block is turned into its activation while it is still in
+//     cache, before the next expert's GEMM;
+//   - backward: the activation gradient and the pre-activation gradient of an expert live only in
+//     a scratch buffer of the largest group's size, reused from expert to expert and from call to
+//     call (one per thread), instead of in two [N, H] / [N, 2H] tensors that are allocated,
+//     paged in and freed on every step; each expert's five GEMMs run back to back, so its weights,
+//     gradients and rows are read while warm.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "common.h"
+#include "grouped.h"
+
+namespace moefast {
+
+// csrc/cpu/swiglu.cpp
+void swiglu_into(const at::Tensor& h, at::Tensor& out);
+void swiglu_backward_into(const at::Tensor& grad, const at::Tensor& h, at::Tensor& dh);
+
+namespace {
+
+using cpu_grouped::check_offs;
+using cpu_grouped::for_each_group;
+
+// Checks of the shared arguments: x [N, d], w1 [E, d, 2H], w2 [E, H, d], offs [E].
+void check_mlp_args(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2,
+                    const at::Tensor& offs, const char* op) {
+  check_grouped_mm_args(x, w1, offs, c10::nullopt, op);
+  TORCH_CHECK_VALUE(w1.size(2) % 2 == 0, "moefast.", op,
+                    ": w1 must have an even number of output columns [gate | up], got w1 ",
+                    w1.sizes());
+  check_dim(w2, 3, op, "w2", "[E, H, d]");
+  TORCH_CHECK_TYPE(w2.scalar_type() == x.scalar_type(), "moefast.", op,
+                   ": w2 must have the dtype of x, ", x.scalar_type(), ", got ", w2.scalar_type());
+  check_same_device(x, w2, op, "x", "w2");
+  TORCH_CHECK_VALUE(
+      w2.size(0) == w1.size(0) && w2.size(1) == w1.size(2) / 2 && w2.size(2) == x.size(1),
+      "moefast.", op, ": w2 must be [E, H, d] = [", w1.size(0), ", ", w1.size(2) / 2, ", ",
+      x.size(1), "] for w1 ", w1.sizes(), ", got ", w2.sizes());
+}
+
+void check_bias(const c10::optional<at::Tensor>& b, const at::Tensor& x, int64_t E, int64_t M,
+                const char* op, const char* name) {
+  if (!b.has_value() || !b->defined()) return;
+  TORCH_CHECK_TYPE(b->scalar_type() == x.scalar_type(), "moefast.", op, ": ", name,
+                   " must have the dtype of x, ", x.scalar_type(), ", got ", b->scalar_type());
+  check_same_device(x, *b, op, "x", name);
+  TORCH_CHECK_VALUE(b->dim() == 2 && b->size(0) == E && b->size(1) == M, "moefast.", op, ": ", name,
+                    " must be [", E, ", ", M, "], got ", b->sizes());
+}
+
+// This thread's scratch of at least `numel` elements of `dtype`, kept between calls (it never
+// leaves the op). Grows, never shrinks.
+at::Tensor scratch(int64_t numel, at::ScalarType dtype) {
+  thread_local at::Tensor buf;
+  if (!buf.defined() || buf.scalar_type() != dtype || buf.numel() < numel) {
+    buf = at::Tensor();  // free the old one first
+    buf = at::empty({numel}, at::TensorOptions().dtype(dtype).device(at::kCPU));
+  }
+  return buf;
+}
+
+// -> (y [N, d], h [N, 2H], act [N, H]); h and act are what the backward needs.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> swiglu_mlp_cpu(
+    const at::Tensor& x_in, const at::Tensor& w1, const c10::optional<at::Tensor>& b1,
+    const at::Tensor& w2, const c10::optional<at::Tensor>& b2, const at::Tensor& offs) {
+  const KernelGuard guard;
+  const char* op = "grouped_swiglu_mlp";
+  check_mlp_args(x_in, w1, w2, offs, op);
+  const int64_t N = x_in.size(0), d = x_in.size(1), E = w1.size(0), H2 = w1.size(2), H = H2 / 2;
+  check_bias(b1, x_in, E, H2, op, "b1");
+  check_bias(b2, x_in, E, d, op, "b2");
+  check_offs(offs, E, N, op);
+  const at::Tensor x = x_in.contiguous();
+  const bool has_b1 = b1.has_value() && b1->defined();
+  const bool has_b2 = b2.has_value() && b2->defined();
+  at::Tensor y = new_output({N, d}, x.options());
+  at::Tensor h = new_output({N, H2}, x.options());
+  at::Tensor act = new_output({N, H}, x.options());
+  const at::Tensor o = offs.contiguous();
+  const int32_t* ends = o.const_data_ptr<int32_t>();
+  const int64_t used = E == 0 ? 0 : ends[E - 1];
+  for_each_group(ends, E, d, 2 * H2, [&](int64_t e) {
+    const int64_t begin = group_begin(ends, e), n = group_end(ends, e) - begin;
+    if (n == 0) return;
+    const at::Tensor xe = x.narrow(0, begin, n);
+    at::Tensor he = h.narrow(0, begin, n);
+    at::Tensor ae = act.narrow(0, begin, n);
+    at::Tensor ye = y.narrow(0, begin, n);
+    if (has_b1) {
+      at::addmm_out(he, b1->select(0, e), xe, w1.select(0, e));
+    } else {
+      at::mm_out(he, xe, w1.select(0, e));
+    }
+    swiglu_into(he, ae);
+    if (has_b2) {
+      at::addmm_out(ye, b2->select(0, e), ae, w2.select(0, e));
+    } else {
+      at::mm_out(ye, ae, w2.select(0, e));
+    }
+  });
+  if (used < N) {
+    y.narrow(0, used, N - used).zero_();
+    h.narrow(0, used, N - used).zero_();
+    act.narrow(0, used, N - used).zero_();
+  }
+  return {y, h, act};
+}
+
+// -> (grad_x [N, d], grad_w1 [E, d, 2H], grad_w2 [E, H, d], grad_b1 [E, 2H], grad_b2 [E, d]);
+// grad_x has no rows unless `input_grad`, the bias gradients none unless `bias`.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> swiglu_mlp_backward_cpu(
+    const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Tensor& w1, const at::Tensor& w2,
+    const at::Tensor& offs, const at::Tensor& h_in, const at::Tensor& act_in, bool input_grad,
+    bool bias) {
+  const KernelGuard guard;
+  const char* op = "grouped_swiglu_mlp_backward";
+  check_mlp_args(x_in, w1, w2, offs, op);
+  const int64_t N = x_in.size(0), d = x_in.size(1), E = w1.size(0), H2 = w1.size(2), H = H2 / 2;
+  auto check_like = [&](const at::Tensor& t, const char* name, int64_t cols) {
+    check_dim(t, 2, op, name, "[N, cols]");
+    TORCH_CHECK_TYPE(t.scalar_type() == x_in.scalar_type(), "moefast.", op, ": ", name,
+                     " must have the dtype of x, ", x_in.scalar_type(), ", got ", t.scalar_type());
+    check_same_device(x_in, t, op, "x", name);
+    TORCH_CHECK_VALUE(t.size(0) == N && t.size(1) == cols, "moefast.", op, ": ", name, " must be [",
+                      N, ", ", cols, "], got ", t.sizes());
+  };
+  check_like(grad_y_in, "grad_y", d);
+  check_like(h_in, "h", H2);
+  check_like(act_in, "act", H);
+  check_offs(offs, E, N, op);
+  const at::Tensor grad_y = grad_y_in.contiguous(), x = x_in.contiguous(), h = h_in.contiguous(),
+                   act = act_in.contiguous();
+  at::Tensor grad_x = new_output({input_grad ? N : 0, d}, x.options());
+  at::Tensor grad_w1 = new_output({E, d, H2}, x.options());
+  at::Tensor grad_w2 = new_output({E, H, d}, x.options());
+  at::Tensor grad_b1 = new_output({bias ? E : 0, H2}, x.options());
+  at::Tensor grad_b2 = new_output({bias ? E : 0, d}, x.options());
+  const at::Tensor o = offs.contiguous();
+  const int32_t* ends = o.const_data_ptr<int32_t>();
+  const int64_t used = E == 0 ? 0 : ends[E - 1];
+  int64_t largest = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    largest = std::max<int64_t>(largest, group_end(ends, e) - group_begin(ends, e));
+  }
+  for_each_group(ends, E, d, 3 * H2, [&](int64_t e) {
+    const int64_t begin = group_begin(ends, e), n = group_end(ends, e) - begin;
+    at::Tensor gw1 = grad_w1.select(0, e), gw2 = grad_w2.select(0, e);
+    if (n == 0) {
+      gw1.zero_();
+      gw2.zero_();
+      if (bias) {
+        grad_b1.select(0, e).zero_();
+        grad_b2.select(0, e).zero_();
+      }
+      return;
+    }
+    // [dact | dh] of this expert in this thread's scratch (sized for the largest group, so that
+    // it is allocated once).
+    at::Tensor buf = scratch(largest * (H + H2), x.scalar_type());
+    at::Tensor dact = buf.narrow(0, 0, n * H).view({n, H});
+    at::Tensor dh = buf.narrow(0, largest * H, n * H2).view({n, H2});
+    const at::Tensor gy = grad_y.narrow(0, begin, n), xe = x.narrow(0, begin, n);
+    at::mm_out(dact, gy, w2.select(0, e).t());
+    at::mm_out(gw2, act.narrow(0, begin, n).t(), gy);
+    if (bias) {
+      at::Tensor gb2 = grad_b2.select(0, e);
+      at::sum_out(gb2, gy, {0});
+    }
+    swiglu_backward_into(dact, h.narrow(0, begin, n), dh);
+    if (input_grad) {
+      at::Tensor gx = grad_x.narrow(0, begin, n);
+      at::mm_out(gx, dh, w1.select(0, e).t());
+    }
+    at::mm_out(gw1, xe.t(), dh);
+    if (bias) {
+      at::Tensor gb1 = grad_b1.select(0, e);
+      at::sum_out(gb1, dh, {0});
+    }
+  });
+  if (input_grad && used < N) grad_x.narrow(0, used, N - used).zero_();
+  return {grad_x, grad_w1, grad_w2, grad_b1, grad_b2};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(moefast, CPU, m) {
+  m.impl("grouped_swiglu_mlp", &swiglu_mlp_cpu);
+  m.impl("grouped_swiglu_mlp_backward", &swiglu_mlp_backward_cpu);
+}
+
+}  // namespace moefast
