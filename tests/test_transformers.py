@@ -320,12 +320,17 @@ def test_experts_variants_match_batched_mm(
         assert (new[0][0] == 0).all()
 
 
-def test_experts_default_swiglu_gate_runs_moefast_swiglu(monkeypatch):
-    """transformers' default gate with SiLU is moefast.swiglu; an overridden _apply_gate (or
-    another activation) is called as the model defines it, and both match batched_mm."""
+def test_experts_default_swiglu_gate_runs_moefast_swiglu_mlp(monkeypatch):
+    """With transformers' default gate and SiLU the expert MLP is one moefast.grouped_swiglu_mlp;
+    an overridden _apply_gate (or another activation) is called as the model defines it, and both
+    match batched_mm."""
     calls = []
-    real = moefast_hf.ops.swiglu
-    monkeypatch.setattr(moefast_hf.ops, "swiglu", lambda h: calls.append(h.shape) or real(h))
+    real = moefast_hf.ops.grouped_swiglu_mlp
+    monkeypatch.setattr(
+        moefast_hf.ops,
+        "grouped_swiglu_mlp",
+        lambda x, w1, *a: calls.append((x.shape[0], w1.shape[2])) or real(x, w1, *a),
+    )
     g = torch.Generator().manual_seed(9)
     S = 11
     x = torch.randn(S, HIDDEN, generator=g, dtype=torch.float64)

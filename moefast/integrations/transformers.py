@@ -14,7 +14,8 @@ forwards, ``transformers.integrations.moe.ExpertsInterface``, chosen by
     # or, on a model already built: model.set_experts_implementation("moefast")
 
 The router stays the model's own; only the experts run on moefast (``routing_from_ids`` ->
-``permute`` -> ``grouped_mm`` -> gate -> ``grouped_mm`` -> ``unpermute``), with the expert weights
+``permute`` -> ``grouped_mm`` -> gate -> ``grouped_mm`` -> ``unpermute``; a default SwiGLU
+gate runs the expert MLP as one ``grouped_swiglu_mlp``), with the expert weights
 used in place, in their Hugging Face layout, as transposed views. Gradients reach the hidden states,
 the expert weights (and biases) and the routing weights, hence the router.
 
@@ -118,12 +119,23 @@ def moefast_experts_forward(
     down_bias = self.down_proj_bias if has_bias else None
 
     x = ops.permute(hidden_states.to(up_weight.dtype), routing)  # [S * k, H], grouped by expert
-    h = _grouped_linear(x, up_weight, up_bias, offs, is_transposed)
     if has_gate and _default_swiglu_gate(self):
-        h = ops.swiglu(h)  # one pass each way instead of chunk, silu, mul (and cat backward)
+        # The whole SwiGLU expert MLP as one op (expert by expert on the CPU); the [E, in, out]
+        # operands are views of the HF weights, no copies.
+        w1 = up_weight if is_transposed else up_weight.transpose(1, 2)
+        w2 = self.down_proj if is_transposed else self.down_proj.transpose(1, 2)
+        y = ops.grouped_swiglu_mlp(
+            x,
+            w1,
+            None if up_bias is None else up_bias.to(x.dtype),
+            w2.to(x.dtype),
+            None if down_bias is None else down_bias.to(x.dtype),
+            offs,
+        )
     else:
+        h = _grouped_linear(x, up_weight, up_bias, offs, is_transposed)
         h = self._apply_gate(h) if has_gate else self.act_fn(h)
-    y = _grouped_linear(h, self.down_proj, down_bias, offs, is_transposed)
+        y = _grouped_linear(h, self.down_proj, down_bias, offs, is_transposed)
     if getattr(self, "has_post_expert_norm", False):
         y = self.post_expert_norm(y)
 
