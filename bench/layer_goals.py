@@ -2,7 +2,10 @@
 forward + backward, 4096 tokens, top-2, of a transformers Mixtral block (weights from N(0, 0.02))
 run by moefast (``MoE.from_hf``), by transformers' "eager" and "grouped_mm" experts, and the
 limit (the same FLOPs as dense torch.matmul GEMMs: ``T * k`` rows through the SwiGLU expert's two
-GEMMs, forward and backward).
+GEMMs, forward and backward). ``moefast_nocache`` is moefast with its CPU output cache turned off
+for the step (every large output then pays its first-touch page faults, like the other variants'
+allocations); running the whole script under ``MALLOC_MMAP_MAX_=0`` (glibc keeps freed memory)
+takes page faults out of every variant.
 
 Each round times every variant once, in a rotating order, so that a slow spell of a shared
 machine hits all of them alike; the ratios use the median over rounds (and, as a second view,
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -85,8 +89,21 @@ def variants(shape: str, dtype: torch.dtype):
         y.backward(torch.ones_like(y))
         return y.detach()
 
+    def without_cache():
+        # moefast with its CPU output cache off (csrc/cpu_cache.cpp): every large output is a
+        # fresh allocation, paged in on first touch, as for the other variants.
+        import moefast
+
+        limit_bytes = moefast._C.cpu_cache_stats()["limit_bytes"]
+        moefast._C.cpu_cache_set_limit(0)
+        try:
+            return run(moe)
+        finally:
+            moefast._C.cpu_cache_set_limit(limit_bytes)
+
     return {
         "moefast": lambda: run(moe),
+        "moefast_nocache": without_cache,
         "limit": limit,
         "hf_eager": hf("eager"),
         "hf_grouped_mm": hf("grouped_mm"),
@@ -121,8 +138,10 @@ def measure(shape: str, dtype: torch.dtype, rounds: int, warmup: int = 2) -> dic
         "median_s": med,
         "min_s": best,
         "times_s": times,
+        "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
         "limit_over_moefast": med["limit"] / med["moefast"],
         "limit_over_moefast_min": best["limit"] / best["moefast"],
+        "limit_over_moefast_nocache": med["limit"] / med["moefast_nocache"],
         "eager_over_moefast": med["hf_eager"] / med["moefast"],
         "grouped_mm_over_moefast": med["hf_grouped_mm"] / med["moefast"],
     }
@@ -137,7 +156,8 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     results = []
     print(
-        "shape             dtype     moefast   limit/moefast (min)   eager/moefast  grouped_mm/moefast"
+        "shape             dtype     moefast   limit/moefast (min)   eager/moefast  "
+        "grouped_mm/moefast  limit/moefast without its CPU cache"
     )
     for shape in args.shapes:
         for dt in args.dtypes:
@@ -146,7 +166,8 @@ def main(argv=None) -> None:
             print(
                 f"{shape:17s} {dt:9s} {r['median_s']['moefast'] * 1e3:6.0f} ms  "
                 f"{r['limit_over_moefast']:.3f} ({r['limit_over_moefast_min']:.3f})        "
-                f"{r['eager_over_moefast']:6.2f}x        {r['grouped_mm_over_moefast']:6.2f}x",
+                f"{r['eager_over_moefast']:6.2f}x        {r['grouped_mm_over_moefast']:6.2f}x"
+                f"             {r['limit_over_moefast_nocache']:.3f}",
                 flush=True,
             )
     if args.out:

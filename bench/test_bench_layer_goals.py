@@ -27,7 +27,7 @@ transformers = pytest.importorskip("transformers")
 
 from layer_goals import SHAPES, K, T, variants  # noqa: E402  (bench/ is on sys.path)
 
-VARIANTS = ("moefast", "hf_eager", "hf_grouped_mm", "limit")
+VARIANTS = ("moefast", "moefast_nocache", "hf_eager", "hf_grouped_mm", "limit")
 
 
 @functools.lru_cache(maxsize=1)
