@@ -29,8 +29,8 @@ TORCH_LIBRARY(moefast, m) {
   m.def("swiglu_backward(Tensor grad_out, Tensor h) -> Tensor");
   // The SwiGLU expert MLP per group: x [N, d], w1 [E, d, 2H], b1 [E, 2H], w2 [E, H, d], b2 [E, d],
   // offs [E] -> y [N, d] = swiglu(x_e w1_e + b1_e) w2_e + b2_e, with h [N, 2H] (the [gate | up]
-  // pre-activation) and act [N, H] (the SwiGLU output) for the backward. CPU only: it reorders
-  // grouped_mm -> swiglu -> grouped_mm expert by expert.
+  // pre-activation) and act [N, H] (the SwiGLU output) for the backward. On the CPU it reorders
+  // grouped_mm -> swiglu -> grouped_mm expert by expert; on CUDA it is that composition.
   m.def(
       "grouped_swiglu_mlp(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, Tensor offs) -> "
       "(Tensor, Tensor, Tensor)");

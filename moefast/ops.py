@@ -426,8 +426,9 @@ def grouped_swiglu_mlp(
     becomes its activation while in cache, and the backward keeps each expert's activation and
     pre-activation gradients in a reused scratch buffer instead of two fresh ``[N, H]`` and
     ``[N, 2H]`` tensors per step, running the expert's five GEMMs back to back. The results are
-    those of the composition up to rounding (the same GEMMs and SwiGLU loops). Elsewhere (CUDA,
-    autocast) it is the composition of :func:`grouped_mm` and :func:`swiglu`.
+    those of the composition up to rounding (the same GEMMs and SwiGLU loops). On CUDA the op is
+    that composition of the CUDA kernels (sync-free), and under autocast the composition of the
+    public functions, which cast.
     """
     op = "grouped_swiglu_mlp"
     _check_tensor(op, "x", x, 2, "[N, d]")
@@ -476,7 +477,7 @@ def grouped_swiglu_mlp(
         raise TypeError(
             f"moefast.{op}: the weights must have the dtype of x, {x.dtype}; got {mixed}"
         )
-    if x.device.type != "cpu" or autocast:
+    if autocast or x.device.type not in ("cpu", "cuda"):
         return grouped_mm(swiglu(grouped_mm(x, w1, offs, b1)), w2, offs, b2)
     with _range(op):
         return _ops.grouped_swiglu_mlp(x, w1, b1, w2, b2, offs)[0]

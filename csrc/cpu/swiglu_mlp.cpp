@@ -1,5 +1,6 @@
-// The SwiGLU expert MLP on the CPU, one expert at a time: y = swiglu(x W1_e + b1_e) W2_e + b2_e
-// on each expert's rows (offs: cumulative row ends, as grouped_mm).
+// The SwiGLU expert MLP, y = swiglu(x W1_e + b1_e) W2_e + b2_e on each expert's rows (offs:
+// cumulative row ends, as grouped_mm): on the CPU one expert at a time; on CUDA the composition of
+// the CUDA kernels (at the end of this file).
 //
 // Numerically the same as grouped_mm -> swiglu -> grouped_mm and their backwards (the same BLAS
 // calls and the same SwiGLU rows); what changes is the order of the work and the memory it takes:
@@ -11,6 +12,7 @@
 //     paged in and freed on every step; each expert's five GEMMs run back to back, so its weights,
 //     gradients and rows are read while warm.
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -189,11 +191,89 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> swiglu_ml
   return {grad_x, grad_w1, grad_w2, grad_b1, grad_b2};
 }
 
+// ---------------------------------------------------------------------------- other devices
+
+// Elsewhere (CUDA) the two ops are the composition of the device's grouped_mm, swiglu and
+// gradient kernels, called through the dispatcher; nothing reads offs on the host.
+using OptTensor = c10::optional<at::Tensor>;
+
+template <typename Sig>
+c10::TypedOperatorHandle<Sig> find_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+at::Tensor grouped_mm_op(const at::Tensor& a, const at::Tensor& b, const at::Tensor& offs,
+                         const OptTensor& bias) {
+  static auto op = find_op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                      const OptTensor&)>("moefast::grouped_mm");
+  return op.call(a, b, offs, bias);
+}
+
+at::Tensor weight_grad_op(const at::Tensor& a, const at::Tensor& grad_out, const at::Tensor& offs) {
+  static auto op = find_op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)>(
+      "moefast::grouped_mm_weight_grad");
+  return op.call(a, grad_out, offs);
+}
+
+at::Tensor bias_grad_op(const at::Tensor& grad_out, const at::Tensor& offs) {
+  static auto op =
+      find_op<at::Tensor(const at::Tensor&, const at::Tensor&)>("moefast::grouped_bias_grad");
+  return op.call(grad_out, offs);
+}
+
+at::Tensor swiglu_op(const at::Tensor& h) {
+  static auto op = find_op<at::Tensor(const at::Tensor&)>("moefast::swiglu");
+  return op.call(h);
+}
+
+at::Tensor swiglu_backward_op(const at::Tensor& grad, const at::Tensor& h) {
+  static auto op =
+      find_op<at::Tensor(const at::Tensor&, const at::Tensor&)>("moefast::swiglu_backward");
+  return op.call(grad, h);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> swiglu_mlp_composite(
+    const at::Tensor& x, const at::Tensor& w1, const OptTensor& b1, const at::Tensor& w2,
+    const OptTensor& b2, const at::Tensor& offs) {
+  const KernelGuard guard;
+  const char* op = "grouped_swiglu_mlp";
+  check_mlp_args(x, w1, w2, offs, op);
+  check_bias(b1, x, w1.size(0), w1.size(2), op, "b1");
+  check_bias(b2, x, w1.size(0), x.size(1), op, "b2");
+  at::Tensor h = grouped_mm_op(x, w1, offs, b1);
+  at::Tensor act = swiglu_op(h);
+  at::Tensor y = grouped_mm_op(act, w2, offs, b2);
+  return {y, h, act};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+swiglu_mlp_backward_composite(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& w1,
+                              const at::Tensor& w2, const at::Tensor& offs, const at::Tensor& h,
+                              const at::Tensor& act, bool input_grad, bool bias) {
+  const KernelGuard guard;
+  check_mlp_args(x, w1, w2, offs, "grouped_swiglu_mlp_backward");
+  const int64_t d = x.size(1), H2 = w1.size(2);
+  at::Tensor dact = grouped_mm_op(grad_y, w2.transpose(1, 2), offs, c10::nullopt);
+  at::Tensor grad_w2 = weight_grad_op(act, grad_y, offs);
+  at::Tensor dh = swiglu_backward_op(dact, h);
+  at::Tensor grad_x =
+      input_grad ? grouped_mm_op(dh, w1.transpose(1, 2), offs, c10::nullopt) : x.new_empty({0, d});
+  at::Tensor grad_w1 = weight_grad_op(x, dh, offs);
+  at::Tensor grad_b1 = bias ? bias_grad_op(dh, offs) : x.new_empty({0, H2});
+  at::Tensor grad_b2 = bias ? bias_grad_op(grad_y, offs) : x.new_empty({0, d});
+  return {grad_x, grad_w1, grad_w2, grad_b1, grad_b2};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(moefast, CPU, m) {
   m.impl("grouped_swiglu_mlp", &swiglu_mlp_cpu);
   m.impl("grouped_swiglu_mlp_backward", &swiglu_mlp_backward_cpu);
+}
+
+TORCH_LIBRARY_IMPL(moefast, CUDA, m) {
+  m.impl("grouped_swiglu_mlp", &swiglu_mlp_composite);
+  m.impl("grouped_swiglu_mlp_backward", &swiglu_mlp_backward_composite);
 }
 
 }  // namespace moefast
