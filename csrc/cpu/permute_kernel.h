@@ -62,6 +62,28 @@ void unpermute_forward(const scalar_t* y, int64_t T, int64_t d, int64_t k, const
   });
 }
 
+// <a, b> over n elements in acc_t, as kLanes independent partial sums added pairwise at the end:
+// a single running sum chains every add on the one before and runs at the add's latency.
+template <typename scalar_t, typename acc_t>
+acc_t dot_product(const scalar_t* a, const scalar_t* b, int64_t n) {
+  constexpr int64_t kLanes = 8;
+  acc_t p0 = 0, p1 = 0, p2 = 0, p3 = 0, p4 = 0, p5 = 0, p6 = 0, p7 = 0;
+  int64_t c = 0;
+  for (; c + kLanes <= n; c += kLanes) {
+    p0 += static_cast<acc_t>(a[c]) * static_cast<acc_t>(b[c]);
+    p1 += static_cast<acc_t>(a[c + 1]) * static_cast<acc_t>(b[c + 1]);
+    p2 += static_cast<acc_t>(a[c + 2]) * static_cast<acc_t>(b[c + 2]);
+    p3 += static_cast<acc_t>(a[c + 3]) * static_cast<acc_t>(b[c + 3]);
+    p4 += static_cast<acc_t>(a[c + 4]) * static_cast<acc_t>(b[c + 4]);
+    p5 += static_cast<acc_t>(a[c + 5]) * static_cast<acc_t>(b[c + 5]);
+    p6 += static_cast<acc_t>(a[c + 6]) * static_cast<acc_t>(b[c + 6]);
+    p7 += static_cast<acc_t>(a[c + 7]) * static_cast<acc_t>(b[c + 7]);
+  }
+  acc_t dot = ((p0 + p1) + (p2 + p3)) + ((p4 + p5) + (p6 + p7));
+  for (; c < n; ++c) dot += static_cast<acc_t>(a[c]) * static_cast<acc_t>(b[c]);
+  return dot;
+}
+
 // grad_weights[t, j] = <grad_out[t], y[position[t, j]]>, in acc_t.
 template <typename scalar_t, typename acc_t, typename ParallelFor>
 void unpermute_weight_grad(const scalar_t* grad_out, const scalar_t* y, int64_t T, int64_t d,
@@ -73,10 +95,7 @@ void unpermute_weight_grad(const scalar_t* grad_out, const scalar_t* y, int64_t 
       for (int64_t j = 0; j < k; ++j) {
         const int64_t slot = slot_index(t, j, k);
         const scalar_t* src = y + static_cast<int64_t>(position[slot]) * d;
-        acc_t dot = 0;
-        for (int64_t c = 0; c < d; ++c)
-          dot += static_cast<acc_t>(g[c]) * static_cast<acc_t>(src[c]);
-        grad_weights[slot] = dot;
+        grad_weights[slot] = dot_product<scalar_t, acc_t>(g, src, d);
       }
     }
   });
