@@ -35,6 +35,16 @@ def _samples(dtype, gen):
     b = randn(E, d, h, gen=gen, dtype=dtype)
     gate = randn(T, E, gen=gen, dtype=dtype)
     eo = randn(E, T, h, gen=gen, dtype=dtype)
+    # grad_y, x, w1, w2, offs, h, act of grouped_swiglu_mlp_backward (input_grad, bias follow).
+    mlp_backward_inputs = (
+        randn(n, d, gen=gen, dtype=dtype),
+        a,
+        randn(E, d, 2 * h, gen=gen, dtype=dtype),
+        randn(E, h, d, gen=gen, dtype=dtype),
+        offs,
+        randn(n, 2 * h, gen=gen, dtype=dtype),
+        randn(n, h, gen=gen, dtype=dtype),
+    )
     return [
         (
             "router-softmax_topk",
@@ -137,32 +147,12 @@ def _samples(dtype, gen):
         (
             "grouped_swiglu_mlp_backward",
             _ops.grouped_swiglu_mlp_backward.default,
-            (
-                randn(n, d, gen=gen, dtype=dtype),
-                a,
-                randn(E, d, 2 * h, gen=gen, dtype=dtype),
-                randn(E, h, d, gen=gen, dtype=dtype),
-                offs,
-                randn(n, 2 * h, gen=gen, dtype=dtype),
-                randn(n, h, gen=gen, dtype=dtype),
-                True,
-                True,
-            ),
+            (*mlp_backward_inputs, True, True),
         ),
         (
             "grouped_swiglu_mlp_backward-weights-only",
             _ops.grouped_swiglu_mlp_backward.default,
-            (
-                randn(n, d, gen=gen, dtype=dtype),
-                a,
-                randn(E, d, 2 * h, gen=gen, dtype=dtype),
-                randn(E, h, d, gen=gen, dtype=dtype),
-                offs,
-                randn(n, 2 * h, gen=gen, dtype=dtype),
-                randn(n, h, gen=gen, dtype=dtype),
-                False,
-                False,
-            ),
+            (*mlp_backward_inputs, False, False),
         ),
         ("mixture", _ops.mixture.default, (rg(gate.clone()), rg(eo.clone()))),
         (

@@ -37,59 +37,16 @@ std::vector<int64_t> halved(const at::Tensor& h) {
   return sizes;
 }
 
-at::Tensor swiglu_cpu(const at::Tensor& h_in) {
-  const KernelGuard guard;
-  check_swiglu_args(h_in, "swiglu");
-  const at::Tensor h = h_in.contiguous();
-  const int64_t H = h.size(-1) / 2;
-  const int64_t N = H == 0 ? 0 : h.numel() / (2 * H);
-  at::Tensor out = new_output(halved(h), h.options());
-  if (N == 0) return out;
-  const cpu::Isa isa = cpu::best_isa();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "swiglu_cpu", [&] {
-    using kernel_t = typename KernelType<scalar_t>::type;
-    using acc_t = at::opmath_type<scalar_t>;
-    cpu::swiglu_forward<kernel_t, acc_t>(kptr<scalar_t>(h), kmut<scalar_t>(out), N, H, isa,
-                                         ATenParallelFor{});
-  });
-  return out;
-}
-
-at::Tensor swiglu_backward_cpu(const at::Tensor& grad_in, const at::Tensor& h_in) {
-  const KernelGuard guard;
-  check_swiglu_backward_args(grad_in, h_in);
-  const at::Tensor h = h_in.contiguous();
-  const at::Tensor grad = grad_in.contiguous();
-  const int64_t H = h.size(-1) / 2;
-  const int64_t N = H == 0 ? 0 : h.numel() / (2 * H);
-  at::Tensor dh = new_output(h.sizes(), h.options());
-  if (N == 0) return dh;
-  const cpu::Isa isa = cpu::best_isa();
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, h.scalar_type(), "swiglu_backward_cpu", [&] {
-        using kernel_t = typename KernelType<scalar_t>::type;
-        using acc_t = at::opmath_type<scalar_t>;
-        cpu::swiglu_backward<kernel_t, acc_t>(kptr<scalar_t>(grad), kptr<scalar_t>(h),
-                                              kmut<scalar_t>(dh), N, H, isa, ATenParallelFor{});
-      });
-  return dh;
-}
-
 }  // namespace
 
-// Used by grouped_mm_act's swiglu epilogue (csrc/cpu/grouped_mm.cpp).
-at::Tensor swiglu_cpu_impl(const at::Tensor& h) {
-  return swiglu_cpu(h);
-}
-
-// Row-contiguous [n, 2H] -> [n, H] and its backward into caller-owned outputs (the per-expert
-// steps of csrc/cpu/swiglu_mlp.cpp); no checks beyond the caller's.
+// Row-contiguous [n, 2H] -> [n, H] and its backward into caller-owned outputs: the ops below and
+// the per-expert steps of csrc/cpu/swiglu_mlp.cpp; no checks beyond the caller's.
 void swiglu_into(const at::Tensor& h, at::Tensor& out) {
   const int64_t H = out.size(-1);
   const int64_t N = H == 0 ? 0 : out.numel() / H;
   if (N == 0) return;
   const cpu::Isa isa = cpu::best_isa();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "swiglu_into", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "swiglu_cpu", [&] {
     using kernel_t = typename KernelType<scalar_t>::type;
     using acc_t = at::opmath_type<scalar_t>;
     cpu::swiglu_forward<kernel_t, acc_t>(kptr<scalar_t>(h), kmut<scalar_t>(out), N, H, isa,
@@ -103,12 +60,39 @@ void swiglu_backward_into(const at::Tensor& grad, const at::Tensor& h, at::Tenso
   if (N == 0) return;
   const cpu::Isa isa = cpu::best_isa();
   AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, h.scalar_type(), "swiglu_backward_into", [&] {
+      at::kHalf, at::kBFloat16, h.scalar_type(), "swiglu_backward_cpu", [&] {
         using kernel_t = typename KernelType<scalar_t>::type;
         using acc_t = at::opmath_type<scalar_t>;
         cpu::swiglu_backward<kernel_t, acc_t>(kptr<scalar_t>(grad), kptr<scalar_t>(h),
                                               kmut<scalar_t>(dh), N, H, isa, ATenParallelFor{});
       });
+}
+
+namespace {
+
+at::Tensor swiglu_cpu(const at::Tensor& h_in) {
+  const KernelGuard guard;
+  check_swiglu_args(h_in, "swiglu");
+  const at::Tensor h = h_in.contiguous();
+  at::Tensor out = new_output(halved(h), h.options());
+  swiglu_into(h, out);
+  return out;
+}
+
+at::Tensor swiglu_backward_cpu(const at::Tensor& grad_in, const at::Tensor& h_in) {
+  const KernelGuard guard;
+  check_swiglu_backward_args(grad_in, h_in);
+  const at::Tensor h = h_in.contiguous();
+  at::Tensor dh = new_output(h.sizes(), h.options());
+  swiglu_backward_into(grad_in.contiguous(), h, dh);
+  return dh;
+}
+
+}  // namespace
+
+// Used by grouped_mm_act's swiglu epilogue (csrc/cpu/grouped_mm.cpp).
+at::Tensor swiglu_cpu_impl(const at::Tensor& h) {
+  return swiglu_cpu(h);
 }
 
 TORCH_LIBRARY_IMPL(moefast, CPU, m) {
