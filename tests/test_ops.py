@@ -520,9 +520,9 @@ def test_grouped_swiglu_mlp_non_contiguous(how, gen):
 
 
 def test_grouped_swiglu_mlp_group_paths_and_scratch_reuse(gen):
-    """Small groups run in parallel over experts (a scratch buffer per thread), large ones one
-    after the other; calls of growing and shrinking sizes and of another dtype reuse and regrow
-    the per-thread scratch without stale values leaking into a result."""
+    """Small groups run in parallel over experts (a scratch block per expert in flight), large
+    ones one after the other; calls of growing and shrinking sizes and of another dtype reuse
+    scratch blocks from the CPU output cache without stale values leaking into a result."""
     cases = [
         ([300, 0, 212, 90], 64, 48, torch.float32),  # sequential path
         ([3, 1, 0, 2, 5, 4, 1, 2], 6, 4, torch.float32),  # parallel path

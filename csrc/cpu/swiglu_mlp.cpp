@@ -7,10 +7,9 @@
 //   - forward: an expert's [gate | up] block is turned into its activation while it is still in
 //     cache, before the next expert's GEMM;
 //   - backward: the activation gradient and the pre-activation gradient of an expert live only in
-//     a scratch buffer of the largest group's size, reused from expert to expert and from call to
-//     call (one per thread), instead of in two [N, H] / [N, 2H] tensors that are allocated,
-//     paged in and freed on every step; each expert's five GEMMs run back to back, so its weights,
-//     gradients and rows are read while warm.
+//     a scratch block of the largest group's size, which the CPU output cache hands from expert to
+//     expert and from call to call, instead of in two [N, H] / [N, 2H] tensors; each expert's
+//     five GEMMs run back to back, so its weights, gradients and rows are read while warm.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
@@ -56,17 +55,6 @@ void check_bias(const c10::optional<at::Tensor>& b, const at::Tensor& x, int64_t
   check_same_device(x, *b, op, "x", name);
   TORCH_CHECK_VALUE(b->dim() == 2 && b->size(0) == E && b->size(1) == M, "moefast.", op, ": ", name,
                     " must be [", E, ", ", M, "], got ", b->sizes());
-}
-
-// This thread's scratch of at least `numel` elements of `dtype`, kept between calls (it never
-// leaves the op). Grows, never shrinks.
-at::Tensor scratch(int64_t numel, at::ScalarType dtype) {
-  thread_local at::Tensor buf;
-  if (!buf.defined() || buf.scalar_type() != dtype || buf.numel() < numel) {
-    buf = at::Tensor();  // free the old one first
-    buf = at::empty({numel}, at::TensorOptions().dtype(dtype).device(at::kCPU));
-  }
-  return buf;
 }
 
 // -> (y [N, d], h [N, 2H], act [N, H]); h and act are what the backward needs.
@@ -164,9 +152,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> swiglu_ml
       }
       return;
     }
-    // [dact | dh] of this expert in this thread's scratch (sized for the largest group, so that
-    // it is allocated once).
-    at::Tensor buf = scratch(largest * (H + H2), x.scalar_type());
+    // [dact | dh] of this expert in a scratch block sized for the largest group: freed into the
+    // CPU output cache (csrc/cpu_cache.cpp) after each expert and taken back by the next one, or
+    // by the next call.
+    at::Tensor buf = empty_cpu_cached({largest * (H + H2)}, x.scalar_type());
     at::Tensor dact = buf.narrow(0, 0, n * H).view({n, H});
     at::Tensor dh = buf.narrow(0, largest * H, n * H2).view({n, H2});
     const at::Tensor gy = grad_y.narrow(0, begin, n), xe = x.narrow(0, begin, n);
