@@ -32,15 +32,20 @@ inline void check_offs(const at::Tensor& offs, int64_t E, int64_t N, const char*
                     " is past the number of rows N = ", N);
 }
 
+// Whether for_each_group runs the groups in parallel (small groups) or one after the other.
+inline bool groups_in_parallel(const int32_t* ends, int64_t E, int64_t K, int64_t M) {
+  const int64_t rows = E == 0 ? 0 : ends[E - 1];
+  const double flops_per_group = 2.0 * static_cast<double>(rows) * K * M / std::max<int64_t>(E, 1);
+  return E > 1 && flops_per_group < 4.0e6;
+}
+
 // Runs fn(e) for every expert: in parallel over experts when groups are small (each BLAS call is
 // then too small to use several threads well), otherwise one after the other with threaded BLAS.
 // In parallel, each thread takes the largest group not yet started (longest-processing-time
 // first), so that unequal groups still spread evenly.
 template <typename Fn>
 void for_each_group(const int32_t* ends, int64_t E, int64_t K, int64_t M, const Fn& fn) {
-  const int64_t rows = E == 0 ? 0 : ends[E - 1];
-  const double flops_per_group = 2.0 * static_cast<double>(rows) * K * M / std::max<int64_t>(E, 1);
-  if (E <= 1 || flops_per_group >= 4.0e6) {
+  if (!groups_in_parallel(ends, E, K, M)) {
     for (int64_t e = 0; e < E; ++e) fn(e);
     return;
   }

@@ -7,9 +7,9 @@
 //   - forward: an expert's [gate | up] block is turned into its activation while it is still in
 //     cache, before the next expert's GEMM;
 //   - backward: the activation gradient and the pre-activation gradient of an expert live only in
-//     a scratch block of the largest group's size, which the CPU output cache hands from expert to
-//     expert and from call to call, instead of in two [N, H] / [N, 2H] tensors; each expert's
-//     five GEMMs run back to back, so its weights, gradients and rows are read while warm.
+//     a scratch block of the largest group's size, reused from expert to expert (and, through the
+//     CPU output cache, from call to call), instead of in two [N, H] / [N, 2H] tensors; each
+//     expert's five GEMMs run back to back, so its weights, gradients and rows are read while warm.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
@@ -140,6 +140,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> swiglu_ml
   for (int64_t e = 0; e < E; ++e) {
     largest = std::max<int64_t>(largest, group_end(ends, e) - group_begin(ends, e));
   }
+  // [dact | dh] of the expert in flight, one slot per worker (one slot when the experts run one
+  // after the other), sized for the largest group: one allocation per call, which the CPU output
+  // cache (csrc/cpu_cache.cpp) hands back on the next call.
+  const int64_t slot_numel = largest * (H + H2);
+  const bool parallel = cpu_grouped::groups_in_parallel(ends, E, d, 3 * H2);
+  at::Tensor scratch =
+      empty_cpu_cached({(parallel ? at::get_num_threads() : 1) * slot_numel}, x.scalar_type());
   for_each_group(ends, E, d, 3 * H2, [&](int64_t e) {
     const int64_t begin = group_begin(ends, e), n = group_end(ends, e) - begin;
     at::Tensor gw1 = grad_w1.select(0, e), gw2 = grad_w2.select(0, e);
@@ -152,10 +159,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> swiglu_ml
       }
       return;
     }
-    // [dact | dh] of this expert in a scratch block sized for the largest group: freed into the
-    // CPU output cache (csrc/cpu_cache.cpp) after each expert and taken back by the next one, or
-    // by the next call.
-    at::Tensor buf = empty_cpu_cached({largest * (H + H2)}, x.scalar_type());
+    at::Tensor buf =
+        scratch.narrow(0, (parallel ? at::get_thread_num() : 0) * slot_numel, slot_numel);
     at::Tensor dact = buf.narrow(0, 0, n * H).view({n, H});
     at::Tensor dh = buf.narrow(0, largest * H, n * H2).view({n, H2});
     const at::Tensor gy = grad_y.narrow(0, begin, n), xe = x.narrow(0, begin, n);
