@@ -116,7 +116,8 @@ def test_gradcheck_swiglu(shape, gen):
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 def test_gradcheck_grouped_swiglu_mlp(bias, gen):
-    """First and second derivatives of the fused CPU expert MLP (an empty expert, a tail row)."""
+    """Derivatives of the fused CPU expert MLP against finite differences (an empty expert, a
+    tail row)."""
     offs = offs_from_counts([2, 0, 3])
     x = randn(6, 3, gen=gen, dtype=f64, requires_grad=True)
     w1 = randn(3, 3, 4, gen=gen, dtype=f64, requires_grad=True)
