@@ -168,7 +168,12 @@ def test_model_matches_eager_forward_backward(arch, dtype):
         q = new_params[name]
         assert (p.grad is None) == (q.grad is None), name
         if p.grad is not None:
-            torch.testing.assert_close(q.grad, p.grad, **_tol(dtype), msg=name)
+            tol = _tol(dtype)
+            # A gradient summed over every token of a whole model (the embedding's reaches 65
+            # here) carries float32 rounding in proportion to its largest entries, not to each
+            # entry: the absolute tolerance scales with them (float64 keeps 1e-10).
+            tol["atol"] = max(tol["atol"], tol["rtol"] * 1e-2 * float(p.grad.abs().max()))
+            torch.testing.assert_close(q.grad, p.grad, **tol, msg=name)
             checked += 1
     assert checked == len(new_params)
     # The gradient reaches the expert weights and, through the routing weights, the routers.
