@@ -32,6 +32,17 @@ inline void check_offs(const at::Tensor& offs, int64_t E, int64_t N, const char*
                     " is past the number of rows N = ", N);
 }
 
+// dst = rows @ b[e] (+ bias[e]): one group's GEMM; with a bias, BLAS adds the broadcast bias row
+// in the same pass (beta = 1).
+inline void group_mm_out(at::Tensor& dst, const at::Tensor& rows, const at::Tensor& b,
+                         const c10::optional<at::Tensor>& bias, int64_t e) {
+  if (bias.has_value() && bias->defined()) {
+    at::addmm_out(dst, bias->select(0, e), rows, b.select(0, e));
+  } else {
+    at::mm_out(dst, rows, b.select(0, e));
+  }
+}
+
 // Whether for_each_group runs the groups in parallel (small groups) or one after the other.
 inline bool groups_in_parallel(const int32_t* ends, int64_t E, int64_t K, int64_t M) {
   const int64_t rows = E == 0 ? 0 : ends[E - 1];

@@ -30,7 +30,6 @@ at::Tensor grouped_mm_cpu(const at::Tensor& a, const at::Tensor& b, const at::Te
   const int64_t K = a.size(1);
   const int64_t M = b.size(2);
   check_offs(offs, E, N, op);
-  const bool has_bias = bias_opt.has_value() && bias_opt->defined();
   at::Tensor out = new_output({N, M}, a.options());
   const at::Tensor o = offs.contiguous();
   const int32_t* ends = o.const_data_ptr<int32_t>();
@@ -40,13 +39,7 @@ at::Tensor grouped_mm_cpu(const at::Tensor& a, const at::Tensor& b, const at::Te
     const int64_t end = group_end(ends, e);
     if (end == begin) return;
     at::Tensor dst = out.narrow(0, begin, end - begin);
-    const at::Tensor rows = a.narrow(0, begin, end - begin);
-    if (has_bias) {
-      // BLAS adds the broadcast bias row in the same pass (beta = 1).
-      at::addmm_out(dst, bias_opt->select(0, e), rows, b.select(0, e));
-    } else {
-      at::mm_out(dst, rows, b.select(0, e));
-    }
+    cpu_grouped::group_mm_out(dst, a.narrow(0, begin, end - begin), b, bias_opt, e);
   });
   if (used < N) out.narrow(0, used, N - used).zero_();
   return out;

@@ -69,8 +69,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> swiglu_mlp_cpu(
   check_bias(b2, x_in, E, d, op, "b2");
   check_offs(offs, E, N, op);
   const at::Tensor x = x_in.contiguous();
-  const bool has_b1 = b1.has_value() && b1->defined();
-  const bool has_b2 = b2.has_value() && b2->defined();
   at::Tensor y = new_output({N, d}, x.options());
   at::Tensor h = new_output({N, H2}, x.options());
   at::Tensor act = new_output({N, H}, x.options());
@@ -84,17 +82,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> swiglu_mlp_cpu(
     at::Tensor he = h.narrow(0, begin, n);
     at::Tensor ae = act.narrow(0, begin, n);
     at::Tensor ye = y.narrow(0, begin, n);
-    if (has_b1) {
-      at::addmm_out(he, b1->select(0, e), xe, w1.select(0, e));
-    } else {
-      at::mm_out(he, xe, w1.select(0, e));
-    }
+    cpu_grouped::group_mm_out(he, xe, w1, b1, e);
     swiglu_into(he, ae);
-    if (has_b2) {
-      at::addmm_out(ye, b2->select(0, e), ae, w2.select(0, e));
-    } else {
-      at::mm_out(ye, ae, w2.select(0, e));
-    }
+    cpu_grouped::group_mm_out(ye, ae, w2, b2, e);
   });
   if (used < N) {
     y.narrow(0, used, N - used).zero_();
