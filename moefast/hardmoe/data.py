@@ -63,6 +63,7 @@ class MultilabelSet:
     x: Tensor
     y: Tensor
     y_clean: Tensor
+    grid: Tensor | None = None  # the base image in each cell (-1: blank), see CompositeSpecs
 
 
 def _fashion_mnist() -> BaseImages:
@@ -142,6 +143,69 @@ def load_base_images(source: str = "auto", verbose: bool = True) -> BaseImages:
     raise RuntimeError("no image source available: install scikit-learn at least")
 
 
+@dataclass
+class CompositeSpecs:
+    """What composites hold, without their pixels: ``grid [N, 4]`` int64, the base image in each
+    cell (cells in row-major order; -1 is a blank cell), weak targets ``y`` and the clean union of
+    labels ``y_clean`` (float32 ``[N, L]``)."""
+
+    grid: Tensor
+    y: Tensor
+    y_clean: Tensor
+
+    def __len__(self) -> int:
+        return int(self.grid.shape[0])
+
+
+def composite_specs(
+    y: np.ndarray,
+    n: int,
+    num_classes: int,
+    *,
+    min_tiles: int = 2,
+    max_tiles: int = 4,
+    label_drop: float = 0.0,
+    seed: int = 0,
+) -> CompositeSpecs:
+    """Draws ``n`` composites over base images with labels ``y``: how many tiles each holds
+    (uniform in ``[min_tiles, max_tiles]``), which base images and which distinct cells, and the
+    targets. ``label_drop`` drops each true label from the target independently (keeping at
+    least one). :func:`make_composites` renders the same draw into pixels."""
+    if not 1 <= min_tiles <= max_tiles <= 4:
+        raise ValueError(f"need 1 <= min_tiles <= max_tiles <= 4, got {min_tiles}, {max_tiles}")
+    rng = np.random.default_rng(seed)
+    tiles = rng.integers(min_tiles, max_tiles + 1, size=n)
+    picks = rng.integers(0, len(y), size=(n, 4))
+    cells = np.argsort(rng.random((n, 4)), axis=1)
+    grid = np.full((n, 4), -1, dtype=np.int64)
+    labels = np.zeros((n, num_classes), dtype=np.float32)
+    for slot in range(4):
+        idx = np.nonzero(tiles > slot)[0]
+        grid[idx, cells[idx, slot]] = picks[idx, slot]
+        labels[idx, y[picks[idx, slot]]] = 1.0
+    clean = labels.copy()
+    if label_drop > 0:
+        drop = (rng.random(labels.shape) < label_drop) & (labels > 0)
+        weak = np.where(drop, 0.0, labels).astype(np.float32)
+        empty = weak.sum(1) == 0
+        weak[empty] = clean[empty]  # every training example keeps at least one tag
+        labels = weak
+    return CompositeSpecs(torch.from_numpy(grid), torch.from_numpy(labels), torch.from_numpy(clean))
+
+
+def render_composites(x: np.ndarray, grid: Tensor | np.ndarray) -> Tensor:
+    """The pixels of composites ``grid [N, 4]`` (see :class:`CompositeSpecs`) over base images
+    ``x [M, s, s]``: float32 ``[N, 1, 2s, 2s]`` in [0, 1]."""
+    g = np.asarray(grid)
+    s = x.shape[1]
+    out = np.zeros((g.shape[0], 2 * s, 2 * s), dtype=np.uint8)
+    for cell in range(4):
+        r0, c0 = (cell // 2) * s, (cell % 2) * s
+        used = g[:, cell] >= 0
+        out[used, r0 : r0 + s, c0 : c0 + s] = x[g[used, cell]]
+    return torch.from_numpy(out).float().div_(255.0).unsqueeze(1)
+
+
 def make_composites(
     x: np.ndarray,
     y: np.ndarray,
@@ -157,36 +221,19 @@ def make_composites(
 
     Each composite draws between ``min_tiles`` and ``max_tiles`` base images (uniformly), places
     them in random distinct cells and takes the union of their labels; ``label_drop`` drops each
-    of those labels from the target independently (keeping at least one).
+    of those labels from the target independently (keeping at least one). The draw is
+    :func:`composite_specs` with the same arguments.
     """
-    if not 1 <= min_tiles <= max_tiles <= 4:
-        raise ValueError(f"need 1 <= min_tiles <= max_tiles <= 4, got {min_tiles}, {max_tiles}")
-    rng = np.random.default_rng(seed)
-    s = x.shape[1]
-    out = np.zeros((n, 2 * s, 2 * s), dtype=np.uint8)
-    labels = np.zeros((n, num_classes), dtype=np.float32)
-    tiles = rng.integers(min_tiles, max_tiles + 1, size=n)
-    picks = rng.integers(0, len(y), size=(n, 4))
-    cells = np.argsort(rng.random((n, 4)), axis=1)
-    for slot in range(4):
-        used = tiles > slot
-        cell = cells[used, slot]
-        rows, cols = (cell // 2) * s, (cell % 2) * s
-        idx = np.nonzero(used)[0]
-        for r0 in (0, s):
-            for c0 in (0, s):
-                sel = (rows == r0) & (cols == c0)
-                out[idx[sel], r0 : r0 + s, c0 : c0 + s] = x[picks[idx[sel], slot]]
-        labels[idx, y[picks[idx, slot]]] = 1.0
-    clean = labels.copy()
-    if label_drop > 0:
-        drop = (rng.random(labels.shape) < label_drop) & (labels > 0)
-        weak = np.where(drop, 0.0, labels).astype(np.float32)
-        empty = weak.sum(1) == 0
-        weak[empty] = clean[empty]  # every training example keeps at least one tag
-        labels = weak
-    xt = torch.from_numpy(out).float().div_(255.0).unsqueeze(1)
-    return MultilabelSet(xt, torch.from_numpy(labels), torch.from_numpy(clean))
+    spec = composite_specs(
+        y,
+        n,
+        num_classes,
+        min_tiles=min_tiles,
+        max_tiles=max_tiles,
+        label_drop=label_drop,
+        seed=seed,
+    )
+    return MultilabelSet(render_composites(x, spec.grid), spec.y, spec.y_clean, spec.grid)
 
 
 def build_task(

@@ -30,13 +30,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .data import build_task, make_composites
+from .data import build_task, composite_specs, make_composites
 from .metrics import evaluate
-from .model import ClusterGater, GroupedExperts, HardMoE, Trunk
+from .model import ClusterGater, GroupedExperts, HardMoE, TileFeatureBank, Trunk
 from .train import (
     assemble_experts,
     expert_path,
     extract_features,
+    features_from_state,
+    features_state,
     load_prep,
     missing_experts,
     predict,
@@ -123,7 +125,13 @@ class Experiment:
             "mean_labels_test": float(self.test.y_clean.sum(1).mean()),
         }
         _log(f"data: {self.data_info}")
-        trunk = Trunk(self.num_labels, width=a.width, hidden=a.hidden, embed=a.embed)
+        trunk = Trunk(
+            self.num_labels,
+            width=a.width,
+            hidden=a.hidden,
+            embed=a.embed,
+            tiles=a.trunk == "tiles",
+        )
         path = self.work / "trunk.pt"
         if a.resume and path.exists():
             trunk.load_state_dict(torch.load(path, weights_only=True))
@@ -169,6 +177,7 @@ class Experiment:
             "n_expert_train": max(a.n_expert_train, a.n_train),
             "n_val": a.n_val,
             "n_test": a.n_test,
+            "trunk_kind": a.trunk,
             "trunk": state_digest(self.trunk),
         }
         self.features_path = self.work / "features.pt"
@@ -176,18 +185,34 @@ class Experiment:
             cached = torch.load(self.features_path, weights_only=True, mmap=True)
             if cached.get("key") == key:
                 _log(f"features loaded from {self.features_path}")
-                self.f_tr, self.y_tr = cached["features"], cached["targets"]
+                self.f_tr, self.y_tr = features_from_state(cached), cached["targets"]
                 self.f_va, self.y_va = cached["val_features"], cached["val_targets"]
                 self.f_te = cached["test_features"]
                 return
         trunk = self.trunk
         L = self.num_labels
         t0 = time.perf_counter()
-        feats, ys = [extract_features(trunk, self.train.x)], [self.train.y]
         extra = a.n_expert_train - a.n_train
+        if a.trunk == "tiles":
+            # Tile-wise trunk: the features of any composite are its tiles' features put
+            # together, so the training composites are kept as a bank (a tile table and each
+            # composite's grid) instead of a feature matrix; millions of them cost one pass over
+            # the base images. The extra composites are drawn afresh from the training base images.
+            grids, ys = [self.train.grid], [self.train.y]
+            if extra > 0:
+                more = composite_specs(
+                    base.y_train, extra, L, label_drop=a.label_drop, seed=a.seed + 1000
+                )
+                grids.append(more.grid)
+                ys.append(more.y)
+            base_x = torch.tensor(base.x_train, dtype=torch.float32).div_(255.0).unsqueeze(1)
+            self.f_tr = TileFeatureBank.build(trunk, base_x, torch.cat(grids))
+            self.y_tr = torch.cat(ys)
+        else:
+            feats, ys = [extract_features(trunk, self.train.x)], [self.train.y]
         # More weakly labelled composites for the gater and the experts, tiled afresh from the
         # training base images (the trunk never saw them); features in chunks.
-        for j, start in enumerate(range(0, max(extra, 0), 10000)):
+        for j, start in enumerate(range(0, max(extra, 0) if a.trunk != "tiles" else 0, 10000)):
             more = make_composites(
                 base.x_train,
                 base.y_train,
@@ -198,7 +223,8 @@ class Experiment:
             )
             feats.append(extract_features(trunk, more.x))
             ys.append(more.y)
-        self.f_tr, self.y_tr = torch.cat(feats), torch.cat(ys)
+        if a.trunk != "tiles":
+            self.f_tr, self.y_tr = torch.cat(feats), torch.cat(ys)
         # Validation composites: fresh ones tiled from the training base images, scored against
         # their clean labels; for choosing settings (the test composites are for reporting).
         if a.n_val > 0:
@@ -207,12 +233,13 @@ class Experiment:
             )
             self.f_va, self.y_va = extract_features(trunk, val.x), val.y_clean
         else:
-            self.f_va, self.y_va = self.f_tr[:0].clone(), self.y_tr[:0].clone()
+            self.f_va = torch.zeros(0, self.f_tr.shape[1])
+            self.y_va = self.y_tr[:0].clone()
         self.f_te = extract_features(trunk, self.test.x)
         _log(f"features of {self.f_tr.shape[0]} composites in {time.perf_counter() - t0:.0f} s")
         cache = {
             "key": key,
-            "features": self.f_tr,
+            **features_state(self.f_tr),
             "targets": self.y_tr,
             "val_features": self.f_va,
             "val_targets": self.y_va,
@@ -231,13 +258,18 @@ class Experiment:
         return {f"val_{m}": r[m] for m in METRICS}
 
     @torch.no_grad()
-    def fit_losses(self, moe: nn.Module, work: Path) -> dict:
+    def fit_losses(self, moe: nn.Module, work: Path, max_rows: int = 100000) -> dict:
         """Mean training loss of the MoE on the rows its experts trained on and on the rows they
-        held out for early stopping (weak targets), to tell under- from overfitting."""
+        held out for early stopping (weak targets), to tell under- from overfitting. Over at
+        most ``max_rows`` rows of each (a fixed random sample when there are more)."""
         prep = load_prep(work)
         is_val = prep["is_val"]
         out = {}
-        for name, rows in (("fit_train_loss", ~is_val), ("fit_heldout_loss", is_val)):
+        gen = torch.Generator().manual_seed(4321)
+        for name, mask in (("fit_train_loss", ~is_val), ("fit_heldout_loss", is_val)):
+            rows = mask.nonzero().squeeze(1)
+            if rows.numel() > max_rows:
+                rows = rows[torch.randperm(rows.numel(), generator=gen)[:max_rows]].sort().values
             x, y = self.f_tr[rows], self.y_tr[rows]
             if not x.shape[0]:
                 out[name] = math.nan
@@ -304,6 +336,7 @@ class Experiment:
                 seed=seed,
                 max_steps=self.max_steps(),
                 patience=a.expert_patience,
+                schedule=a.expert_schedule,
                 data_file=self.features_path,
             )
             torch.save(g.state_dict(), work / "gater.pt")
@@ -352,11 +385,14 @@ class Experiment:
         return res
 
     def max_steps(self) -> int | None:
-        """With ``--expert-budget steps``: the steps of ``expert_epochs`` passes over all the
-        training data (what the single expert gets), allowed to every expert."""
+        """With ``--expert-budget steps``: ``--expert-steps``, or else the steps of
+        ``expert_epochs`` passes over all the training data (what the single expert gets),
+        allowed to every expert."""
         a = self.args
         if a.expert_budget != "steps":
             return None
+        if a.expert_steps > 0:
+            return a.expert_steps
         n_train = round(0.9 * self.f_tr.shape[0])
         return a.expert_epochs * math.ceil(n_train / a.expert_batch_size)
 

@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--experts", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--reps", type=int, default=9)
-    p.add_argument("--hidden", type=int, default=16, help="hidden width of the expert layers")
+    p.add_argument("--hidden", type=int, default=8, help="hidden width of the expert layers")
     a = p.parse_args(argv)
     rows = run(a.batch, a.experts, a.threads, a.reps, a.hidden)
     if a.out:

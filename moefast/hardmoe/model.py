@@ -31,13 +31,26 @@ GATERS = ("kmeans", "balanced", "hash")
 
 class Trunk(nn.Module):
     """CNN trunk: ``lower`` (3 strided convolutions, pooled to 4x4) -> ``upper`` (linear, ReLU,
-    linear to the label-embedding space) -> ``head`` (the decoder, embedding -> label logits)."""
+    linear to the label-embedding space) -> ``head`` (the decoder, embedding -> label logits).
+
+    With ``tiles=True`` the convolutions see one cell of the 2x2 composite at a time (the same
+    filters for every cell, pooled to 2x2 per cell) and the features are the four cells'
+    features side by side, in row-major cell order. The features of a composite are then exactly
+    those of its tiles put together (:meth:`assemble`), so :class:`TileFeatureBank` can produce
+    trunk features for millions of composites from one pass over the base images.
+    """
 
     def __init__(
-        self, num_labels: int, width: int = 16, hidden: int = 128, embed: int = 64
+        self,
+        num_labels: int,
+        width: int = 16,
+        hidden: int = 128,
+        embed: int = 64,
+        tiles: bool = False,
     ) -> None:
         super().__init__()
         w = width
+        self.tiles = tiles
         self.lower = nn.Sequential(
             nn.Conv2d(1, w, 5, stride=2, padding=2),
             nn.ReLU(),
@@ -45,7 +58,7 @@ class Trunk(nn.Module):
             nn.ReLU(),
             nn.Conv2d(2 * w, 4 * w, 3, stride=2, padding=1),
             nn.ReLU(),
-            nn.AdaptiveAvgPool2d(4),
+            nn.AdaptiveAvgPool2d(2 if tiles else 4),
             nn.Flatten(),
         )
         self.feature_dim = 4 * w * 16
@@ -55,11 +68,107 @@ class Trunk(nn.Module):
         )
         self.head = nn.Linear(embed, num_labels)
 
+    def tile_features(self, t: Tensor) -> Tensor:
+        """Features of single tiles ``[n, 1, s, s]`` (``tiles=True``): ``[n, feature_dim / 4]``."""
+        if not self.tiles:
+            raise RuntimeError("Trunk.tile_features needs a trunk built with tiles=True")
+        return self.lower(t)
+
+    @staticmethod
+    def assemble(tile_feats: Tensor) -> Tensor:
+        """Composite features from the features of its four cells ``[B, 4, f]``: ``[B, 4 f]``."""
+        return tile_feats.reshape(tile_feats.shape[0], -1)
+
     def features(self, x: Tensor) -> Tensor:
-        return self.lower(x)
+        if not self.tiles:
+            return self.lower(x)
+        B, C, S, _ = x.shape
+        s = S // 2
+        cells = x.view(B, C, 2, s, 2, s).permute(0, 2, 4, 1, 3, 5).reshape(B * 4, C, s, s)
+        return self.assemble(self.lower(cells).view(B, 4, -1))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.upper(self.lower(x)))
+        return self.head(self.upper(self.features(x)))
+
+
+class TileFeatureBank:
+    """Trunk features of composites, produced on demand from a table of tile features.
+
+    ``table [T + 1, f]`` holds the features of every base image as a tile
+    (:meth:`Trunk.tile_features`), its last row those of a blank cell; ``grid [N, 4]`` names the
+    base image in each cell of each composite (-1: blank). Row ``i`` of the bank is
+    ``Trunk.assemble(table[grid[i]])``, equal to ``trunk.features`` of the rendered composite
+    (for a ``tiles=True`` trunk), at the cost of one gather. Indexing with an int64 tensor of
+    row numbers returns those rows as a tensor ``[n, 4 f]``; :meth:`select` returns a smaller
+    bank; :meth:`chunks` yields the rows in blocks. Tensor-like enough for the gater, the expert
+    trainer and the evaluation (``shape``, ``len``, ``dtype``).
+    """
+
+    chunk_rows = 32768  # rows per block of :meth:`chunks` (and :func:`feature_chunks`)
+
+    def __init__(self, table: Tensor, grid: Tensor) -> None:
+        if table.dim() != 2 or grid.dim() != 2 or grid.shape[1] != 4:
+            raise ValueError(
+                f"TileFeatureBank: need table [T, f] and grid [N, 4], got table "
+                f"{tuple(table.shape)} and grid {tuple(grid.shape)}"
+            )
+        self.table = table
+        # blank cells (-1) read the last row of the table
+        self.grid = torch.where(grid < 0, table.shape[0] - 1, grid).long()
+
+    @classmethod
+    @torch.no_grad()
+    def build(
+        cls, trunk: Trunk, base: Tensor, grid: Tensor, batch_size: int = 4096
+    ) -> TileFeatureBank:
+        """The bank of composites ``grid`` over base images ``base [T, 1, s, s]``."""
+        trunk.eval()
+        feats = [
+            trunk.tile_features(base[i : i + batch_size]) for i in range(0, len(base), batch_size)
+        ]
+        blank = trunk.tile_features(torch.zeros_like(base[:1]))
+        return cls(torch.cat([*feats, blank]), grid)
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.grid.shape[0], 4 * self.table.shape[1]))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.table.dtype
+
+    def __len__(self) -> int:
+        return int(self.grid.shape[0])
+
+    def __getitem__(self, rows: Tensor) -> Tensor:
+        return Trunk.assemble(self.table[self.grid[rows]])
+
+    def select(self, rows: Tensor) -> TileFeatureBank:
+        """The bank of rows ``rows`` (a boolean mask or int64 row numbers)."""
+        bank = TileFeatureBank.__new__(TileFeatureBank)
+        bank.table, bank.grid = self.table, self.grid[rows]
+        bank.chunk_rows = self.chunk_rows
+        return bank
+
+    def chunks(self, size: int | None = None):
+        size = size or self.chunk_rows
+        for i in range(0, len(self), size):
+            yield self[torch.arange(i, min(i + size, len(self)))]
+
+
+def feature_chunks(features, size: int | None = None):
+    """The rows of ``features`` (a tensor or a :class:`TileFeatureBank`) in blocks."""
+    if isinstance(features, TileFeatureBank):
+        yield from features.chunks(size)
+    else:
+        size = size or TileFeatureBank.chunk_rows
+        for i in range(0, features.shape[0], size):
+            yield features[i : i + size]
+
+
+def select_rows(features, rows: Tensor):
+    """Rows ``rows`` (mask or indices) of a tensor, or a smaller :class:`TileFeatureBank`."""
+    return features.select(rows) if isinstance(features, TileFeatureBank) else features[rows]
 
 
 # ----------------------------------------------------------------------------- experts
@@ -230,31 +339,40 @@ class ClusterGater(nn.Module):
     def _normalize(x: Tensor) -> Tensor:
         return F.normalize(x.float(), dim=1)
 
-    def fit(self, features: Tensor) -> Tensor:
-        """Fits the gater on training features ``[N, d]``; returns their expert ids ``[N]``."""
+    def fit(self, features) -> Tensor:
+        """Fits the gater on training features ``[N, d]`` (a tensor or a
+        :class:`TileFeatureBank`); returns their expert ids ``[N]``."""
         E = self.num_experts
+        N = features.shape[0]
         if self.method == "hash":
-            return self.forward(features)
-        x = self._normalize(features)
+            return self.assign(features)
         if E == 1:
-            self.centroids.copy_(x.mean(0, keepdim=True))
-            return torch.zeros(x.shape[0], dtype=torch.long)
+            total = sum(self._normalize(c).sum(0) for c in feature_chunks(features))
+            self.centroids.copy_(total.unsqueeze(0) / max(N, 1))
+            return torch.zeros(N, dtype=torch.long)
         from sklearn.cluster import KMeans
 
         km = KMeans(n_clusters=E, n_init=self.n_init, random_state=self.seed)
-        sample = x
-        if 0 < self.fit_rows < x.shape[0]:
+        rows = torch.arange(N)
+        if 0 < self.fit_rows < N:
             gen = torch.Generator().manual_seed(self.seed)
-            sample = x[torch.randperm(x.shape[0], generator=gen)[: self.fit_rows]]
-        km.fit(sample.numpy())
+            rows = torch.randperm(N, generator=gen)[: self.fit_rows]
+        km.fit(self._normalize(features[rows]).numpy())
         self.centroids.copy_(torch.from_numpy(km.cluster_centers_).float())
         if self.method == "kmeans":
-            return self.forward(features)
-        capacity = math.ceil(self.balance * x.shape[0] / E)
-        ids = torch.zeros(x.shape[0], dtype=torch.long)
+            return self.assign(features)
+        capacity = math.ceil(self.balance * N / E)
+        ids = torch.zeros(N, dtype=torch.long)
         for _ in range(10):
-            ids = balanced_assignment(torch.cdist(x, self.centroids), capacity)
-            sums = torch.zeros_like(self.centroids).index_add_(0, ids, x)
+            dist = torch.cat(
+                [torch.cdist(self._normalize(c), self.centroids) for c in feature_chunks(features)]
+            )
+            ids = balanced_assignment(dist, capacity)
+            sums = torch.zeros_like(self.centroids)
+            start = 0
+            for c in feature_chunks(features):
+                sums.index_add_(0, ids[start : start + c.shape[0]], self._normalize(c))
+                start += c.shape[0]
             counts = torch.bincount(ids, minlength=E).clamp(min=1).unsqueeze(1)
             new = sums / counts
             moved = (new - self.centroids).norm(dim=1).max()
@@ -262,6 +380,12 @@ class ClusterGater(nn.Module):
             if moved < 1e-5:
                 break
         return ids
+
+    @torch.no_grad()
+    def assign(self, features) -> Tensor:
+        """:meth:`forward` over many rows (a tensor or a :class:`TileFeatureBank`), in blocks."""
+        parts = [self(c) for c in feature_chunks(features)]
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
 
     def forward(self, features: Tensor) -> Tensor:
         """Expert id of each example, int64 ``[B]``."""

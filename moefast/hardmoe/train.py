@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .model import GroupedExperts, Trunk
+from .model import GroupedExperts, TileFeatureBank, Trunk, feature_chunks, select_rows
 
 
 def soft_target_loss(logits: Tensor, targets: Tensor) -> Tensor:
@@ -105,6 +105,7 @@ def train_one_expert(
     seed: int = 0,
     max_steps: int | None = None,
     patience: int = 5,
+    schedule: str = "constant",
 ) -> tuple[dict[str, Tensor], dict]:
     """Trains a 1-expert :class:`GroupedExperts` on its cluster's examples.
 
@@ -116,7 +117,13 @@ def train_one_expert(
     costs on all the data), or, with ``max_steps``, up to that many optimizer steps, passing over
     the cluster as often as needed and stopping after ``patience`` passes without a better
     validation loss (every expert may train as long as one model on all the data would).
+
+    ``x_tr`` and ``x_va`` are feature tensors or :class:`TileFeatureBank` s (rows made on
+    demand). ``schedule``: ``"constant"`` learning rate, or ``"cosine"`` decay to zero over the
+    whole budget (``max_steps``, else ``epochs`` passes).
     """
+    if schedule not in ("constant", "cosine"):
+        raise ValueError(f"schedule must be 'constant' or 'cosine', got {schedule!r}")
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     if decoder is not None:
@@ -128,14 +135,26 @@ def train_one_expert(
         h = expert(x, offs)
         return decoder(h) if decoder is not None else h
 
+    def val_loss() -> float:
+        total, start = 0.0, 0
+        with torch.no_grad():
+            for x in feature_chunks(x_va):
+                y = y_va[start : start + x.shape[0]]
+                total += soft_target_loss(run(x), y).item() * x.shape[0]  # host-ok: early stop
+                start += x.shape[0]
+        return total / start
+
     opt = torch.optim.AdamW(expert.parameters(), lr=lr, weight_decay=1e-4)
     n = x_tr.shape[0]
+    sched = None
+    if schedule == "cosine" and n > 0:
+        total = max_steps if max_steps is not None else epochs * math.ceil(n / batch_size)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(total, 1))
     best_state = {k: v.clone() for k, v in expert.state_dict().items()}
     best_loss = math.inf
     best_epoch = 0
     if x_va.shape[0] > 0:
-        with torch.no_grad():
-            best_loss = soft_target_loss(run(x_va), y_va).item()  # host-ok: early stopping
+        best_loss = val_loss()
     steps = 0
     epoch = 0
     while n > 0:
@@ -151,12 +170,13 @@ def train_one_expert(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if sched is not None:
+                sched.step()
             steps += 1
             if max_steps is not None and steps >= max_steps:
                 break
         if x_va.shape[0] > 0:
-            with torch.no_grad():
-                va = soft_target_loss(run(x_va), y_va).item()  # host-ok: early stopping
+            va = val_loss()
         else:
             va = -float(epoch)  # no validation examples: keep the last epoch
         if va < best_loss:
@@ -191,6 +211,7 @@ def write_prep(
     seed: int = 0,
     max_steps: int | None = None,
     patience: int = 5,
+    schedule: str = "constant",
     data_file: str | Path | None = None,
 ) -> Path:
     """Writes ``prep.pt`` into ``work_dir`` (created), the input of every expert worker.
@@ -198,14 +219,15 @@ def write_prep(
     With ``data_file``, a file that already holds ``{"features": ..., "targets": ...}`` equal to
     ``features`` and ``targets`` (e.g. the experiment's feature cache), ``prep.pt`` refers to it
     (by a path relative to ``work_dir``) instead of holding another copy of the training data:
-    a sweep over many ``E`` then stores the features once.
+    a sweep over many ``E`` then stores the features once. ``features`` may be a
+    :class:`TileFeatureBank` (stored as its table and grid).
     """
     work = Path(work_dir)
     (work / "experts").mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(seed + 12345)
     is_val = torch.rand(features.shape[0], generator=gen) < val_frac
     if data_file is None:
-        data = {"features": features.contiguous(), "targets": targets.contiguous()}
+        data = {"targets": targets.contiguous(), **features_state(features)}
     else:
         data = {"data_file": os.path.relpath(Path(data_file).resolve(), work.resolve())}
     prep = {
@@ -223,10 +245,25 @@ def write_prep(
             "seed": seed,
             "max_steps": max_steps,
             "patience": patience,
+            "schedule": schedule,
         },
     }
     _atomic_save(prep, work / "prep.pt")
     return work
+
+
+def features_state(features) -> dict[str, Tensor]:
+    """How training features are stored: a tensor, or a bank's tile table and composite grid."""
+    if isinstance(features, TileFeatureBank):
+        return {"tile_table": features.table.contiguous(), "grid": features.grid.contiguous()}
+    return {"features": features.contiguous()}
+
+
+def features_from_state(data: dict):
+    """The training features of :func:`features_state`'s dict (a tensor or a bank)."""
+    if "tile_table" in data:
+        return TileFeatureBank(data["tile_table"], data["grid"])
+    return data["features"]
 
 
 def _atomic_save(obj, path: Path) -> None:
@@ -256,9 +293,10 @@ def load_prep(work_dir: str | Path) -> dict:
     mapped, so that ranks on one machine share the pages) when it refers to one."""
     work = Path(work_dir)
     prep = torch.load(work / "prep.pt", weights_only=True)
+    data = prep
     if "data_file" in prep:
         data = torch.load(work / prep["data_file"], weights_only=True, mmap=True)
-        prep["features"], prep["targets"] = data["features"], data["targets"]
+    prep["features"], prep["targets"] = features_from_state(data), data["targets"]
     return prep
 
 
@@ -307,9 +345,9 @@ def train_experts_worker(
         state, inf = train_one_expert(
             expert,
             decoder,
-            prep["features"][tr],
+            select_rows(prep["features"], tr),
             prep["targets"][tr],
-            prep["features"][va],
+            select_rows(prep["features"], va),
             prep["targets"][va],
             epochs=cfg["epochs"],
             batch_size=cfg["batch_size"],
@@ -317,6 +355,7 @@ def train_experts_worker(
             seed=cfg["seed"] * 1000 + e,
             max_steps=cfg.get("max_steps"),
             patience=cfg.get("patience", 5),
+            schedule=cfg.get("schedule", "constant"),
         )
         inf["seconds"] = time.perf_counter() - te
         _atomic_save({"expert": e, "state": state, "info": inf}, path)
