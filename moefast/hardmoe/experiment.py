@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .data import build_task, composite_specs, make_composites
 from .metrics import evaluate
@@ -192,39 +192,10 @@ class Experiment:
         trunk = self.trunk
         L = self.num_labels
         t0 = time.perf_counter()
-        extra = a.n_expert_train - a.n_train
         if a.trunk == "tiles":
-            # Tile-wise trunk: the features of any composite are its tiles' features put
-            # together, so the training composites are kept as a bank (a tile table and each
-            # composite's grid) instead of a feature matrix; millions of them cost one pass over
-            # the base images. The extra composites are drawn afresh from the training base images.
-            grids, ys = [self.train.grid], [self.train.y]
-            if extra > 0:
-                more = composite_specs(
-                    base.y_train, extra, L, label_drop=a.label_drop, seed=a.seed + 1000
-                )
-                grids.append(more.grid)
-                ys.append(more.y)
-            base_x = torch.tensor(base.x_train, dtype=torch.float32).div_(255.0).unsqueeze(1)
-            self.f_tr = TileFeatureBank.build(trunk, base_x, torch.cat(grids))
-            self.y_tr = torch.cat(ys)
+            self.f_tr, self.y_tr = self._training_bank(base)
         else:
-            feats, ys = [extract_features(trunk, self.train.x)], [self.train.y]
-        # More weakly labelled composites for the gater and the experts, tiled afresh from the
-        # training base images (the trunk never saw them); features in chunks.
-        for j, start in enumerate(range(0, max(extra, 0) if a.trunk != "tiles" else 0, 10000)):
-            more = make_composites(
-                base.x_train,
-                base.y_train,
-                min(10000, extra - start),
-                L,
-                label_drop=a.label_drop,
-                seed=a.seed + 1000 + j,
-            )
-            feats.append(extract_features(trunk, more.x))
-            ys.append(more.y)
-        if a.trunk != "tiles":
-            self.f_tr, self.y_tr = torch.cat(feats), torch.cat(ys)
+            self.f_tr, self.y_tr = self._training_features(base)
         # Validation composites: fresh ones tiled from the training base images, scored against
         # their clean labels; for choosing settings (the test composites are for reporting).
         if a.n_val > 0:
@@ -248,6 +219,42 @@ class Experiment:
         tmp = self.features_path.with_name(f".features.{os.getpid()}.tmp")
         torch.save(cache, tmp)
         os.replace(tmp, self.features_path)
+
+    def _training_features(self, base) -> tuple[Tensor, Tensor]:
+        """Trunk features of the trunk's training composites plus ``n_expert_train - n_train``
+        fresh weakly labelled ones, tiled from the training base images (the trunk never saw
+        them) and run through the trunk in chunks."""
+        a, L = self.args, self.num_labels
+        feats, ys = [extract_features(self.trunk, self.train.x)], [self.train.y]
+        extra = a.n_expert_train - a.n_train
+        for j, start in enumerate(range(0, max(extra, 0), 10000)):
+            more = make_composites(
+                base.x_train,
+                base.y_train,
+                min(10000, extra - start),
+                L,
+                label_drop=a.label_drop,
+                seed=a.seed + 1000 + j,
+            )
+            feats.append(extract_features(self.trunk, more.x))
+            ys.append(more.y)
+        return torch.cat(feats), torch.cat(ys)
+
+    def _training_bank(self, base) -> tuple[TileFeatureBank, Tensor]:
+        """The same composites for a tile-wise trunk, as a :class:`TileFeatureBank`: a composite's
+        features are its tiles' features put together, so millions of composites cost one trunk
+        pass over the base images. The fresh composites are drawn in one go."""
+        a = self.args
+        grids, ys = [self.train.grid], [self.train.y]
+        extra = a.n_expert_train - a.n_train
+        if extra > 0:
+            more = composite_specs(
+                base.y_train, extra, self.num_labels, label_drop=a.label_drop, seed=a.seed + 1000
+            )
+            grids.append(more.grid)
+            ys.append(more.y)
+        base_x = torch.tensor(base.x_train, dtype=torch.float32).div_(255.0).unsqueeze(1)
+        return TileFeatureBank.build(self.trunk, base_x, torch.cat(grids)), torch.cat(ys)
 
     def evaluate_val(self, model: nn.Module) -> dict:
         """Metrics of ``model`` (trunk features -> label scores) on the validation composites,
