@@ -52,7 +52,10 @@ assert moefast._C.with_cutlass, "the extension was built without the CUTLASS gro
 ops = ["router", "router_backward", "routing_plan", "permute", "unpermute",
        "unpermute_weight_grad", "grouped_mm", "grouped_mm_act", "grouped_mm_weight_grad",
        "grouped_bias_grad", "mixture", "mixture_backward", "swiglu", "swiglu_backward",
-       "grouped_swiglu_mlp", "grouped_swiglu_mlp_backward"]
+       "grouped_swiglu_mlp", "grouped_swiglu_mlp_backward", "tree_route"]
+registered = [n for n in dir(torch.ops.moefast)
+              if isinstance(getattr(torch.ops.moefast, n, None), torch._ops.OpOverloadPacket)]
+assert set(registered) <= set(ops), f"ops missing from this check: {sorted(set(registered) - set(ops))}"
 missing = [op for op in ops if not torch._C._dispatch_has_kernel_for_dispatch_key(f"moefast::{op}", "CUDA")]
 assert not missing, f"ops without a CUDA kernel: {missing}"
 print(f"cuda_build_check: imported moefast with torch {torch.__version__}; CUDA kernels for {len(ops)} ops")

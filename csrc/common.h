@@ -327,4 +327,38 @@ inline at::Tensor weights_as_acc(const c10::optional<at::Tensor>& weights,
   return w.to(acc).contiguous();
 }
 
+// Shape, dtype and device checks of tree_route's arguments (the child indices are checked while
+// the CPU kernel walks the tree; the CUDA kernel marks a row that leaves the tree with -1).
+inline void check_tree_route_args(const at::Tensor& x, const at::Tensor& node_w,
+                                  const at::Tensor& node_b, const at::Tensor& node_child,
+                                  int64_t depth) {
+  const char* op = "tree_route";
+  check_dim(x, 2, op, "x", "[B, d]");
+  check_floating(x, op, "x");
+  check_dim(node_w, 2, op, "node_w", "[n, d]");
+  check_dim(node_b, 1, op, "node_b", "[n]");
+  check_dim(node_child, 2, op, "node_child", "[n, 2]");
+  TORCH_CHECK_TYPE(
+      node_w.scalar_type() == x.scalar_type() && node_b.scalar_type() == x.scalar_type(),
+      "moefast.tree_route: node_w and node_b must have x's dtype ", x.scalar_type(), ", got ",
+      node_w.scalar_type(), " and ", node_b.scalar_type());
+  TORCH_CHECK_TYPE(node_child.scalar_type() == at::kLong,
+                   "moefast.tree_route: node_child must be int64, got ", node_child.scalar_type());
+  const int64_t n = node_w.size(0);
+  TORCH_CHECK_VALUE(node_w.size(1) == x.size(1),
+                    "moefast.tree_route: node_w must be [n, d] with d = ", x.size(1),
+                    " (x's width), got ", node_w.sizes());
+  TORCH_CHECK_VALUE(node_b.size(0) == n && node_child.size(0) == n && node_child.size(1) == 2,
+                    "moefast.tree_route: node_b must be [n] and node_child [n, 2] with n = ", n,
+                    ", got ", node_b.sizes(), " and ", node_child.sizes());
+  TORCH_CHECK_VALUE(n == 0 ? depth == 0 : (depth >= 1 && depth <= n),
+                    "moefast.tree_route: depth must be in [1, n] = [1, ", n,
+                    "] (0 for a tree with no nodes), got ", depth);
+  TORCH_CHECK_VALUE(x.size(0) < (int64_t{1} << 31), "moefast.tree_route: B must fit in int32, got ",
+                    x.size(0));
+  check_same_device(x, node_w, op, "x", "node_w");
+  check_same_device(x, node_b, op, "x", "node_b");
+  check_same_device(x, node_child, op, "x", "node_child");
+}
+
 }  // namespace moefast

@@ -44,6 +44,11 @@ TORCH_LIBRARY(moefast, m) {
   m.def("grouped_mm_weight_grad(Tensor a, Tensor grad_out, Tensor offs) -> Tensor");
   // grad_out [N, M], offs [E] -> grad_bias [E, M], the sum of each group's rows.
   m.def("grouped_bias_grad(Tensor grad_out, Tensor offs) -> Tensor");
+  // x [B, d], node_w [n, d], node_b [n], node_child [n, 2] int64 -> expert ids [B] int32: each row
+  // walks a tree of hyperplanes from node 0, to node_child[m, <x, node_w[m]> > node_b[m]], until a
+  // leaf -(e + 1) (at most depth levels); the hard MoE's "tree" gater.
+  m.def(
+      "tree_route(Tensor x, Tensor node_w, Tensor node_b, Tensor node_child, int depth) -> Tensor");
   // gate_logits [B, E], expert_out [E, B, C] -> [B, C].
   m.def("mixture(Tensor gate_logits, Tensor expert_out) -> Tensor");
   // grad_out [B, C] -> grad_gate_logits [B, E], grad_expert_out [E, B, C].

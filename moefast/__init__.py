@@ -30,6 +30,7 @@ from .ops import (
     route,
     routing_from_ids,
     swiglu,
+    tree_route,
     unpermute,
     z_loss,
 )
@@ -50,6 +51,7 @@ __all__ = [
     "route",
     "routing_from_ids",
     "swiglu",
+    "tree_route",
     "unpermute",
     "z_loss",
 ]

@@ -43,6 +43,7 @@ __all__ = [
     "route",
     "routing_from_ids",
     "swiglu",
+    "tree_route",
     "unpermute",
     "z_loss",
 ]
@@ -510,6 +511,55 @@ def mixture(gate_logits: Tensor, expert_out: Tensor) -> Tensor:
         return _ops.mixture(gate_logits, expert_out)
 
 
+def tree_route(x: Tensor, node_w: Tensor, node_b: Tensor, node_child: Tensor, depth: int) -> Tensor:
+    """Expert ids ``[B]`` (int32) from a tree of hyperplanes, ``depth`` dot products per row.
+
+    Row ``x[i]`` starts at node 0 and moves to ``node_child[m, 1]`` when
+    ``<x[i], node_w[m]> > node_b[m]`` (else ``node_child[m, 0]``); a child ``>= 0`` is the next
+    node and a child ``-(e + 1)`` the leaf, expert ``e``. Every path must end in a leaf within
+    ``depth`` levels. With no nodes (``n = 0``, ``depth = 0``) every row goes to expert 0. This is
+    the routing of :class:`moefast.hardmoe.ClusterGater` with ``method="tree"`` (hierarchical
+    k-means: each node is the bisector of two centroids), whose cost grows with ``log E``.
+
+    ``x [B, d]`` floating; ``node_w [n, d]`` and ``node_b [n]`` of x's dtype; ``node_child
+    [n, 2]`` int64. The CPU raises when a walk leaves the tree; CUDA, which cannot raise without a
+    host synchronisation, writes id ``-1`` for that row (which ``routing_from_ids`` drops).
+    """
+    op = "tree_route"
+    _check_tensor(op, "x", x, 2, "[B, d]")
+    _check_float(op, "x", x)
+    _check_tensor(op, "node_w", node_w, 2, "[n, d]")
+    _check_tensor(op, "node_b", node_b, 1, "[n]")
+    _check_tensor(op, "node_child", node_child, 2, "[n, 2]")
+    if node_w.dtype != x.dtype or node_b.dtype != x.dtype:
+        raise TypeError(
+            f"moefast.tree_route: node_w and node_b must have x's dtype {x.dtype}, "
+            f"got {node_w.dtype} and {node_b.dtype}"
+        )
+    if node_child.dtype != torch.int64:
+        raise TypeError(f"moefast.tree_route: node_child must be int64, got {node_child.dtype}")
+    n = node_w.shape[0]
+    if node_w.shape[1] != x.shape[1]:
+        raise ValueError(
+            f"moefast.tree_route: node_w must be [n, d] with d = {x.shape[1]} (x's width), "
+            f"got {tuple(node_w.shape)}"
+        )
+    if node_b.shape[0] != n or tuple(node_child.shape) != (n, 2):
+        raise ValueError(
+            f"moefast.tree_route: node_b must be [n] and node_child [n, 2] with n = {n}, "
+            f"got {tuple(node_b.shape)} and {tuple(node_child.shape)}"
+        )
+    if not isinstance(depth, int) or not 0 <= depth <= n or (n > 0 and depth == 0):
+        raise ValueError(
+            f"moefast.tree_route: depth must be an int in [1, n] = [1, {n}] "
+            f"(0 for a tree with no nodes), got {depth!r}"
+        )
+    for name, t in (("node_w", node_w), ("node_b", node_b), ("node_child", node_child)):
+        _check_device(op, "x", x, name, t)
+    with _range(op):
+        return _ops.tree_route(x, node_w, node_b, node_child, depth)
+
+
 def load_balancing_loss(logits: Tensor, routing: Routing) -> Tensor:
     """Switch-Transformer load-balancing loss, ``E * sum_e f_e * P_e``.
 
@@ -638,6 +688,11 @@ def _grouped_swiglu_mlp_backward_fake(grad_y, x, w1, w2, offs, h, act, input_gra
         x.new_empty((E if bias else 0, w1.shape[2])),
         x.new_empty((E if bias else 0, x.shape[1])),
     )
+
+
+@torch.library.register_fake("moefast::tree_route")
+def _tree_route_fake(x, node_w, node_b, node_child, depth):
+    return x.new_empty((x.shape[0],), dtype=torch.int32)
 
 
 @torch.library.register_fake("moefast::mixture")

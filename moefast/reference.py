@@ -65,6 +65,30 @@ def routing_plan(expert_ids: Tensor, num_experts: int) -> tuple[Tensor, Tensor, 
     return counts.to(i32), offs.to(i32), position.view(expert_ids.shape).to(i32), order.to(i32)
 
 
+def tree_route(x: Tensor, node_w: Tensor, node_b: Tensor, node_child: Tensor, depth: int) -> Tensor:
+    """Walks every row down the tree of hyperplanes, one level at a time; ids ``[B]`` int32.
+
+    ``node_child[m, 1]`` when ``<x, node_w[m]> > node_b[m]`` (accumulated in the opmath dtype),
+    else ``node_child[m, 0]``; a child ``-(e + 1)`` is leaf ``e``. No nodes: every row gets 0.
+    """
+    acc = opmath_dtype(x.dtype)
+    n = node_w.shape[0]
+    if n == 0:
+        return torch.zeros(x.shape[0], dtype=torch.int32, device=x.device)
+    xa, w, b = x.to(acc), node_w.to(acc), node_b.to(acc)
+    cur = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+    for _ in range(depth):
+        inner = cur >= 0
+        node = cur.clamp(min=0)
+        side = ((xa * w[node]).sum(1) > b[node]).long()
+        cur = torch.where(inner, node_child[node, side], cur)
+        if bool((cur >= n).any()):
+            raise ValueError("node_child names a node outside [0, n)")
+    if bool((cur >= 0).any()):
+        raise ValueError(f"a path does not reach a leaf within depth = {depth}")
+    return (-(cur + 1)).to(torch.int32)
+
+
 def apply_capacity(
     expert_ids: Tensor, weights: Tensor, num_experts: int, capacity: int
 ) -> tuple[Tensor, Tensor]:

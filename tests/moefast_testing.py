@@ -101,3 +101,28 @@ def reference_pipeline(x, logits, b, k, mode="softmax_topk", normalize=False):
     xp = ref.permute(x, position)
     y = ref.grouped_mm(xp, b, offs)
     return ref.unpermute(y, position, weights), ids
+
+
+def random_tree(E, d, *, gen, dtype=torch.float32):
+    """A random binary tree of hyperplanes with ``E`` leaves, for ``moefast.tree_route``.
+
+    Nodes grow at random open slots (so the tree is uneven) and the leaves get the experts in a
+    random order. Returns ``(node_w [E-1, d], node_b [E-1], node_child [E-1, 2] int64, depth)``.
+    """
+    n = E - 1
+    child = torch.full((n, 2), -1, dtype=torch.int64)
+    slots, depth_of = [], {}
+    for node in range(n):
+        if node > 0:
+            parent, side = slots.pop(int(torch.randint(len(slots), (1,), generator=gen)))
+            child[parent, side] = node
+            depth_of[node] = depth_of[parent] + 1
+        else:
+            depth_of[node] = 1
+        slots += [(node, 0), (node, 1)]
+    experts = torch.randperm(E, generator=gen)
+    for (parent, side), e in zip(slots, experts.tolist(), strict=True):
+        child[parent, side] = -(e + 1)
+    w = randn(n, d, gen=gen, dtype=dtype)
+    b = (0.3 * torch.randn(n, generator=gen)).to(dtype)
+    return w, b, child, max(depth_of.values(), default=0)

@@ -191,6 +191,33 @@ def test_grouped_bias_grad_matches_cpu(dtype):
     assert torch.equal(got[1].cpu(), torch.zeros(77, dtype=dtype))
 
 
+@pytest.mark.parametrize("dtype", (*DTYPES, torch.float64))
+@pytest.mark.parametrize("E, d", [(2, 7), (13, 100), (64, 1024)])
+def test_tree_route_matches_cpu(dtype, E, d):
+    from moefast_testing import random_tree
+
+    gen = _gen(E * 7 + d)
+    w, b, child, depth = random_tree(E, d, gen=gen, dtype=dtype)
+    x = torch.randn(1001, d, generator=gen).to(dtype)
+    want = moefast.tree_route(x, w, b, child, depth)
+    got = moefast.tree_route(x.cuda(), w.cuda(), b.cuda(), child.cuda(), depth)
+    assert got.dtype == torch.int32 and got.device.type == "cuda"
+    # the sums run in another order on the GPU: only rows within rounding of a hyperplane may differ
+    differ = (got.cpu() != want).float().mean().item()
+    assert differ <= (0.01 if dtype in (torch.bfloat16, torch.float16) else 0.002), differ
+    empty = moefast.tree_route(x[:0].cuda(), w.cuda(), b.cuda(), child.cuda(), depth)
+    assert empty.shape == (0,)
+
+
+def test_tree_route_leaving_the_tree_gives_minus_one_on_cuda():
+    from moefast_testing import random_tree
+
+    w, b, child, depth = random_tree(5, 6, gen=_gen(3))
+    child[0] = torch.tensor([7, 7])
+    got = moefast.tree_route(torch.randn(20, 6).cuda(), w.cuda(), b.cuda(), child.cuda(), depth)
+    assert torch.equal(got.cpu(), torch.full((20,), -1, dtype=torch.int32))
+
+
 def _pipeline(x, logits, k):
     routing = moefast.route(logits, k, normalize=True)
     y = moefast.permute(x, routing) * 2.0

@@ -30,6 +30,7 @@ from moefast.hardmoe import (
     mean_average_precision,
     missing_experts,
     owned_experts,
+    planned_steps,
     precision_at_k,
     train_experts_worker,
     train_one_expert,
@@ -102,6 +103,70 @@ def test_balanced_assignment_properties():
     assert (ids >= 0).all() and torch.bincount(ids, minlength=7).max() <= 15
     with pytest.raises(ValueError):
         balanced_assignment(d, 14)
+
+
+def nested_blobs(n, seed=0):
+    """Four clusters in two well-separated pairs (a hierarchy a 2-way tree can follow)."""
+    gen = torch.Generator().manual_seed(seed)
+    eye = torch.eye(8)
+    centers = torch.stack([2 * eye[g] + 0.5 * s * eye[2] for g in (0, 1) for s in (1, -1)])
+    truth = torch.arange(4).repeat_interleave(n)
+    return centers[truth] + 0.03 * torch.randn(4 * n, 8, generator=gen), truth
+
+
+def test_tree_gater_recovers_nested_clusters():
+    x, truth = nested_blobs(50)
+    g = ClusterGater(4, 8, method="tree", seed=0)
+    ids = g.fit(x)
+    assert g.depth == 2 and g.macs_per_example() == 2 * 8
+    groups = [set(ids[truth == c].tolist()) for c in range(4)]
+    assert all(len(s) == 1 for s in groups) and len(set.union(*groups)) == 4
+    x_new, t_new = nested_blobs(5, seed=1)
+    pred = g(x_new)
+    for c in range(4):
+        assert set(pred[t_new == c].tolist()) == groups[c]
+
+
+def route_by_hand(g, x):
+    """Walks the split tree of a ``"tree"`` gater one example at a time."""
+    x = torch.nn.functional.normalize(x.float(), dim=1)
+    out = []
+    for row in x:
+        node = 0
+        while node >= 0:
+            side = int(row @ g.node_w[node] > g.node_b[node])
+            node = int(g.node_child[node, side])
+        out.append(-node - 1)
+    return torch.tensor(out)
+
+
+@pytest.mark.parametrize("E", [2, 3, 5, 8, 11])
+def test_tree_gater_routes_like_its_tree(E):
+    gen = torch.Generator().manual_seed(E)
+    x = (
+        torch.randn(600, 6, generator=gen)
+        + 2 * torch.randn(12, 6, generator=gen)[torch.randint(0, 12, (600,), generator=gen)]
+    )
+    g = ClusterGater(E, 6, method="tree", seed=1)
+    ids = g.fit(x)
+    assert g.depth == math.ceil(math.log2(E))
+    assert g.macs_per_example() == g.depth * 6 and g.macs_per_example() <= E * 6
+    # training rows follow the same path as new rows; every leaf is one expert and none is empty
+    assert torch.equal(ids, g(x)) and torch.equal(ids, route_by_hand(g, x))
+    assert torch.bincount(ids, minlength=E).min() > 0 and ids.max() == E - 1
+    # every leaf is reached by exactly one path: each expert appears once among the children
+    leaves = g.node_child[g.node_child < 0]
+    assert sorted((-leaves - 1).tolist()) == list(range(E))
+    x_new = torch.randn(50, 6, generator=gen)
+    assert torch.equal(g(x_new), route_by_hand(g, x_new))
+    again = ClusterGater(E, 6, method="tree")
+    again.load_state_dict(g.state_dict())
+    assert torch.equal(again(x_new), g(x_new))
+
+
+def test_tree_gater_needs_enough_rows():
+    with pytest.raises(ValueError, match="rows"):
+        ClusterGater(8, 4, method="tree").fit(torch.randn(5, 4))
 
 
 def test_hash_gater_is_deterministic_and_spreads():
@@ -275,6 +340,17 @@ def test_owned_experts_partition():
     assert flat == list(range(len(sizes)))
     loads = [sum(sizes[e] for e in p) for p in parts]
     assert max(loads) - min(loads) <= max(sizes)
+    # equal costs (a step budget): the experts spread evenly by count
+    counts = [len(owned_experts([4000] * 10, r, 3)) for r in range(3)]
+    assert sorted(counts) == [3, 3, 4]
+
+
+def test_planned_steps_follows_the_budget():
+    steps = {"max_steps": 4000, "epochs": 20, "batch_size": 512}
+    epochs = {"max_steps": None, "epochs": 20, "batch_size": 512}
+    assert planned_steps(100_000, steps) == planned_steps(600, steps) == 4000
+    assert planned_steps(0, steps) == planned_steps(0, epochs) == 0
+    assert planned_steps(1025, epochs) == 20 * 3
 
 
 def _digest(path: Path) -> str:

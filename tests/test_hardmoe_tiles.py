@@ -98,7 +98,7 @@ def test_tile_trunk_cells_are_independent():
         TileFeatureBank(torch.zeros(3, 4), torch.zeros(5, 3, dtype=torch.long))
 
 
-@pytest.mark.parametrize("method", ["kmeans", "balanced", "hash"])
+@pytest.mark.parametrize("method", ["kmeans", "balanced", "tree", "hash"])
 @pytest.mark.parametrize("E", [1, 3])
 def test_gater_fits_a_bank_like_its_features(method, E):
     x, y = base_images()

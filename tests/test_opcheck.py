@@ -2,14 +2,21 @@
 AOT dispatch (what torch.compile relies on).
 
 Float inputs require grad for the ops with autograd (router, permute, unpermute, grouped_mm,
-mixture); the backward ops get plain inputs.
+mixture); the backward ops and tree_route (integer output, no autograd) get plain inputs.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from moefast_testing import distinct_logits, dtype_id, offs_from_counts, randn, random_ids
+from moefast_testing import (
+    distinct_logits,
+    dtype_id,
+    offs_from_counts,
+    randn,
+    random_ids,
+    random_tree,
+)
 
 import moefast
 
@@ -154,6 +161,7 @@ def _samples(dtype, gen):
             _ops.grouped_swiglu_mlp_backward.default,
             (*mlp_backward_inputs, False, False),
         ),
+        ("tree_route", _ops.tree_route.default, (x, *random_tree(E + 3, d, gen=gen, dtype=dtype))),
         ("mixture", _ops.mixture.default, (rg(gate.clone()), rg(eo.clone()))),
         (
             "mixture_backward",
@@ -191,6 +199,7 @@ _HALF_NAMES = [
     "mixture_backward",
     "swiglu",
     "swiglu_backward",
+    "tree_route",
     "grouped_swiglu_mlp-bias",
     "grouped_swiglu_mlp_backward",
 ]

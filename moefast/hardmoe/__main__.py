@@ -18,6 +18,8 @@ import json
 import sys
 from pathlib import Path
 
+from .model import GATERS
+
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
@@ -101,7 +103,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--experts", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     p.add_argument("--main-experts", type=int, default=0, help="E of hard_moe (default: largest)")
-    p.add_argument("--gater", default="kmeans", choices=["kmeans", "balanced", "hash"])
+    p.add_argument("--gater", default="kmeans", choices=list(GATERS))
     p.add_argument(
         "--decoder",
         default="shared",

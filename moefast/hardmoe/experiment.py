@@ -383,7 +383,7 @@ class Experiment:
             gater_fit_seconds=gater_seconds,
             expert_train_seconds=train_seconds,
             expert_macs_per_example=GroupedExperts.macs_per_example(experts.dims),
-            gater_macs_per_example=0 if gater == "hash" else E * self.f_tr.shape[1],
+            gater_macs_per_example=g.macs_per_example(),
             infer_us_per_example=self.time_inference(moe),
             expert_best_epochs=[i["best_epoch"] for i in infos],
             expert_steps=[i["steps"] for i in infos],

@@ -3,7 +3,8 @@
 - :class:`Trunk`: a small CNN (``lower``: convolutions, ``upper``: two linear layers, ``head``:
   the label decoder) trained on the task first; its own head is the baseline.
 - :class:`ClusterGater`: assigns each example to exactly one expert from trunk features: k-means
-  (scikit-learn's ``KMeans``), balanced k-means (capacity-constrained assignment steps) or a hash.
+  (scikit-learn's ``KMeans``), balanced k-means (capacity-constrained assignment steps), a tree of
+  2-means splits (``ceil(log2 E)`` dot products per example instead of ``E`` distances) or a hash.
 - :class:`GroupedExperts`: ``E`` experts, each a stack of linear layers, stored as
   :class:`moefast.nn.GroupedLinear` layers so that all experts run as one grouped GEMM per layer.
 - :class:`HardMoE`: gater -> :func:`moefast.routing_from_ids` -> :func:`moefast.permute` ->
@@ -23,7 +24,7 @@ from torch.nn import functional as F
 from .. import ops
 from ..nn import GroupedLinear
 
-GATERS = ("kmeans", "balanced", "hash")
+GATERS = ("kmeans", "balanced", "tree", "hash")
 
 
 # ----------------------------------------------------------------------------- trunk
@@ -300,6 +301,12 @@ class ClusterGater(nn.Module):
           capacity-constrained (:func:`balanced_assignment`, at most
           ``ceil(balance * N / E)`` examples per expert), so that no expert starves. The training
           examples keep their balanced assignment; new examples go to the nearest centroid.
+        - ``"tree"``: hierarchical (bisecting) k-means. The root splits the training rows in two
+          with 2-means, and leaves are split breadth first (the most populated leaf of the
+          shallowest level next) until there are ``E``; the tree is ``ceil(log2 E)`` deep. Each
+          split is one hyperplane, the bisector of its two centroids, so routing an example costs
+          one dot product per level: ``ceil(log2 E) * d`` multiply-adds instead of flat
+          k-means' ``E * d``. This is the gater whose cost stays (nearly) flat as ``E`` grows.
         - ``"hash"``: a fixed random hash of the quantised features; the assignment ignores what
           the example looks like (the ablation baseline).
 
@@ -330,6 +337,15 @@ class ClusterGater(nn.Module):
         self.seed = seed
         self.fit_rows = fit_rows
         self.register_buffer("centroids", torch.zeros(num_experts, in_features))
+        # tree: internal node n sends x right when <x, node_w[n]> > node_b[n]; node_child[n, side]
+        # is the next internal node (>= 0) or a leaf, encoded -(expert + 1).
+        nodes = max(num_experts - 1, 0) if method == "tree" else 0
+        self.register_buffer("node_w", torch.zeros(nodes, in_features))
+        self.register_buffer("node_b", torch.zeros(nodes))
+        self.register_buffer("node_child", torch.full((nodes, 2), -1, dtype=torch.long))
+        self.depth = (
+            math.ceil(math.log2(num_experts)) if method == "tree" and num_experts > 1 else 0
+        )
         gen = torch.Generator().manual_seed(seed)
         self.register_buffer(
             "hash_coef", torch.randint(1, 2**31 - 1, (in_features,), generator=gen)
@@ -352,11 +368,14 @@ class ClusterGater(nn.Module):
             return torch.zeros(N, dtype=torch.long)
         from sklearn.cluster import KMeans
 
-        km = KMeans(n_clusters=E, n_init=self.n_init, random_state=self.seed)
         rows = torch.arange(N)
         if 0 < self.fit_rows < N:
             gen = torch.Generator().manual_seed(self.seed)
             rows = torch.randperm(N, generator=gen)[: self.fit_rows]
+        if self.method == "tree":
+            self._fit_tree(self._normalize(features[rows]))
+            return self.assign(features)
+        km = KMeans(n_clusters=E, n_init=self.n_init, random_state=self.seed)
         km.fit(self._normalize(features[rows]).numpy())
         self.centroids.copy_(torch.from_numpy(km.cluster_centers_).float())
         if self.method == "kmeans":
@@ -381,6 +400,45 @@ class ClusterGater(nn.Module):
                 break
         return ids
 
+    def _fit_tree(self, x: Tensor) -> None:
+        """Builds the split tree on normalised rows ``x`` (see ``"tree"`` in the class doc)."""
+        from sklearn.cluster import KMeans
+
+        E = self.num_experts
+        if x.shape[0] < E:
+            raise ValueError(f"ClusterGater(tree): {x.shape[0]} rows cannot make {E} clusters")
+        # leaves: (depth, rows, parent node, side); split the shallowest, then the largest
+        leaves = [(0, torch.arange(x.shape[0]), -1, 0)]
+        n_nodes = 0
+        while len(leaves) < E:
+            i = min(range(len(leaves)), key=lambda j: (leaves[j][0], -leaves[j][1].numel()))
+            depth, rows, parent, side = leaves.pop(i)
+            if rows.numel() < 2:
+                raise ValueError("ClusterGater(tree): a leaf with fewer than 2 rows cannot split")
+            km = KMeans(n_clusters=2, n_init=self.n_init, random_state=self.seed + n_nodes)
+            lab = torch.from_numpy(km.fit_predict(x[rows].numpy())).long()
+            c = torch.from_numpy(km.cluster_centers_).float()
+            node = n_nodes
+            n_nodes += 1
+            self.node_w[node] = c[1] - c[0]
+            self.node_b[node] = 0.5 * (c[1].square().sum() - c[0].square().sum())
+            if parent >= 0:
+                self.node_child[parent, side] = node
+            # the hyperplane decides, so that training rows follow the path new rows will take
+            right = x[rows] @ self.node_w[node] > self.node_b[node]
+            if right.all() or not right.any():  # degenerate split: fall back to the labels
+                right = lab == 1
+            leaves.append((depth + 1, rows[~right], node, 0))
+            leaves.append((depth + 1, rows[right], node, 1))
+        leaves.sort(key=lambda leaf: (leaf[2], leaf[3]))
+        for e, (_, rows, parent, side) in enumerate(leaves):
+            self.node_child[parent, side] = -(e + 1)
+            self.centroids[e] = x[rows].mean(0) if rows.numel() else 0.0
+
+    def _route_tree(self, x: Tensor) -> Tensor:
+        w, b = self.node_w.to(x.dtype), self.node_b.to(x.dtype)
+        return ops.tree_route(x, w, b, self.node_child, self.depth).long()
+
     @torch.no_grad()
     def assign(self, features) -> Tensor:
         """:meth:`forward` over many rows (a tensor or a :class:`TileFeatureBank`), in blocks."""
@@ -395,7 +453,20 @@ class ClusterGater(nn.Module):
             h = (h ^ (h >> 17)) * 0x2545F491
             return torch.remainder(h ^ (h >> 13), self.num_experts)
         x = self._normalize(features)
+        if self.method == "tree":
+            if self.num_experts == 1:
+                return torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+            return self._route_tree(x)
         return torch.cdist(x, self.centroids.to(x.dtype)).argmin(1)
+
+    def macs_per_example(self) -> int:
+        """Multiply-adds of the routing decision per example (the normalisation not counted)."""
+        d = self.centroids.shape[1]
+        if self.method == "hash":
+            return 0
+        if self.method == "tree":
+            return self.depth * d
+        return self.num_experts * d
 
 
 # ----------------------------------------------------------------------------- the MoE

@@ -276,15 +276,26 @@ def expert_path(work_dir: str | Path, e: int) -> Path:
     return Path(work_dir) / "experts" / f"expert_{e:04d}.pt"
 
 
-def owned_experts(sizes: list[int], rank: int, world_size: int) -> list[int]:
-    """The experts rank ``rank`` trains: largest clusters first, each to the least-loaded rank
-    (deterministic, so every rank computes the same split without talking to the others)."""
+def planned_steps(n_train: int, cfg: dict) -> int:
+    """The optimizer steps an expert with ``n_train`` training rows is budgeted (what its training
+    costs, early stopping aside): ``max_steps`` under a step budget, else ``epochs`` passes."""
+    if n_train == 0:
+        return 0
+    if cfg.get("max_steps") is not None:
+        return int(cfg["max_steps"])
+    return int(cfg["epochs"]) * math.ceil(n_train / int(cfg["batch_size"]))
+
+
+def owned_experts(costs: list[int], rank: int, world_size: int) -> list[int]:
+    """The experts rank ``rank`` trains: the costliest first (``costs``, e.g. planned steps or
+    cluster sizes), each to the least-loaded rank. Deterministic, so every rank computes the same
+    split without talking to the others; equal costs spread the experts evenly by count."""
     load = [0] * world_size
     owner = {}
-    for e in sorted(range(len(sizes)), key=lambda e: (-sizes[e], e)):
+    for e in sorted(range(len(costs)), key=lambda e: (-costs[e], e)):
         r = min(range(world_size), key=lambda r: (load[r], r))
         owner[e] = r
-        load[r] += max(sizes[e], 1)
+        load[r] += max(costs[e], 1)
     return sorted(e for e, r in owner.items() if r == rank)
 
 
@@ -324,8 +335,8 @@ def train_experts_worker(
     cfg = prep["config"]
     E = prep["num_experts"]
     ids, is_val = prep["assignment"], prep["is_val"]
-    sizes = torch.bincount(ids, minlength=E).tolist()  # host-ok: cluster sizes for the log
-    mine = owned_experts(sizes, rank, world_size)
+    n_train = torch.bincount(ids[~is_val], minlength=E).tolist()  # host-ok: the split below
+    mine = owned_experts([planned_steps(n, cfg) for n in n_train], rank, world_size)
     decoder = _make_decoder(prep["decoder"])
     trained, skipped, info = [], [], {}
     t0 = time.perf_counter()
