@@ -448,10 +448,17 @@ class ClusterGater(nn.Module):
     def forward(self, features: Tensor) -> Tensor:
         """Expert id of each example, int64 ``[B]``."""
         if self.method == "hash":
-            q = (features.float() * 1000).round().long()
-            h = (q * self.hash_coef).sum(1)
-            h = (h ^ (h >> 17)) * 0x2545F491
-            return torch.remainder(h ^ (h >> 13), self.num_experts)
+            # in blocks of rows: the int64 temporaries of a whole batch (8 bytes per feature)
+            # would be large enough for the allocator to map and unmap them on every call
+            parts = []
+            for f in features.split(256):
+                q = (f.float() * 1000).round().long()
+                h = (q * self.hash_coef).sum(1)
+                h = (h ^ (h >> 17)) * 0x2545F491
+                parts.append(torch.remainder(h ^ (h >> 13), self.num_experts))
+            if not parts:
+                return torch.zeros(0, dtype=torch.long, device=features.device)
+            return torch.cat(parts)
         x = self._normalize(features)
         if self.method == "tree":
             if self.num_experts == 1:
