@@ -52,3 +52,14 @@ def test_layer_goals(bench, shape, dtype_name, variant):
         info={"shape": shape, "dtype": dtype_name, "T": T, "k": K, **s},
         check=check,
     )
+
+
+def test_split_gemm_script_times_all_six_gemms(capsys):
+    import split_gemm
+
+    res = split_gemm.main(
+        ["--rows", "64", "--d", "16", "--h", "8", "--experts", "4", "--rounds", "1"]
+    )
+    assert len(res) == 6
+    assert all(v["split"] > 0 and v["dense"] > 0 for v in res.values())
+    assert "all six" in capsys.readouterr().out
