@@ -460,9 +460,7 @@ class ClusterGater(nn.Module):
                 return torch.zeros(0, dtype=torch.long, device=features.device)
             return torch.cat(parts)
         x = self._normalize(features)
-        if self.method == "tree":
-            if self.num_experts == 1:
-                return torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        if self.method == "tree":  # E = 1: a tree with no nodes, every row to expert 0
             return self._route_tree(x)
         return torch.cdist(x, self.centroids.to(x.dtype)).argmin(1)
 

@@ -148,7 +148,7 @@ def train_one_expert(
     n = x_tr.shape[0]
     sched = None
     if schedule == "cosine" and n > 0:
-        total = max_steps if max_steps is not None else epochs * math.ceil(n / batch_size)
+        total = step_budget(n, epochs=epochs, batch_size=batch_size, max_steps=max_steps)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(total, 1))
     best_state = {k: v.clone() for k, v in expert.state_dict().items()}
     best_loss = math.inf
@@ -276,14 +276,20 @@ def expert_path(work_dir: str | Path, e: int) -> Path:
     return Path(work_dir) / "experts" / f"expert_{e:04d}.pt"
 
 
+def step_budget(n: int, *, epochs: int, batch_size: int, max_steps: int | None) -> int:
+    """Optimizer steps budgeted for ``n`` training rows: ``max_steps`` under a step budget, else
+    ``epochs`` passes of ``batch_size``; 0 without rows."""
+    if n == 0:
+        return 0
+    return int(max_steps) if max_steps is not None else int(epochs) * math.ceil(n / int(batch_size))
+
+
 def planned_steps(n_train: int, cfg: dict) -> int:
     """The optimizer steps an expert with ``n_train`` training rows is budgeted (what its training
-    costs, early stopping aside): ``max_steps`` under a step budget, else ``epochs`` passes."""
-    if n_train == 0:
-        return 0
-    if cfg.get("max_steps") is not None:
-        return int(cfg["max_steps"])
-    return int(cfg["epochs"]) * math.ceil(n_train / int(cfg["batch_size"]))
+    costs, early stopping aside), from a work directory's ``config``: :func:`step_budget`."""
+    return step_budget(
+        n_train, epochs=cfg["epochs"], batch_size=cfg["batch_size"], max_steps=cfg.get("max_steps")
+    )
 
 
 def owned_experts(costs: list[int], rank: int, world_size: int) -> list[int]:
