@@ -4,7 +4,8 @@ run by moefast (``MoE.from_hf``), by transformers' "eager" and "grouped_mm" expe
 limit (the same FLOPs as dense torch.matmul GEMMs: ``T * k`` rows through the SwiGLU expert's two
 GEMMs, forward and backward). ``moefast_nocache`` is moefast with its CPU output cache turned off
 for the step (every large output then pays its first-touch page faults, like the other variants'
-allocations); running the whole script under ``MALLOC_MMAP_MAX_=0`` (glibc keeps freed memory)
+allocations); ``moefast_onednn`` is moefast with its AVX512-BF16 GEMM switched off (the expert
+GEMMs then run as oneDNN matmuls; only bfloat16 differs); running the whole script under ``MALLOC_MMAP_MAX_=0`` (glibc keeps freed memory)
 takes page faults out of every variant.
 
 Each round times every variant once, in a rotating order, so that a slow spell of a shared
@@ -101,9 +102,21 @@ def variants(shape: str, dtype: torch.dtype):
         finally:
             moefast._C.cpu_cache_set_limit(limit_bytes)
 
+    def onednn():
+        # moefast with its AVX512-BF16 GEMM switched off (csrc/cpu/bf16_gemm_kernel.h): the
+        # expert GEMMs are oneDNN matmuls and SwiGLU separate passes (float32 always runs so).
+        import moefast
+
+        moefast._C.set_cpu_bf16_gemm(False)
+        try:
+            return run(moe)
+        finally:
+            moefast._C.set_cpu_bf16_gemm(True)
+
     return {
         "moefast": lambda: run(moe),
         "moefast_nocache": without_cache,
+        "moefast_onednn": onednn,
         "limit": limit,
         "hf_eager": hf("eager"),
         "hf_grouped_mm": hf("grouped_mm"),
@@ -142,6 +155,7 @@ def measure(shape: str, dtype: torch.dtype, rounds: int, warmup: int = 2) -> dic
         "limit_over_moefast": med["limit"] / med["moefast"],
         "limit_over_moefast_min": best["limit"] / best["moefast"],
         "limit_over_moefast_nocache": med["limit"] / med["moefast_nocache"],
+        "limit_over_moefast_onednn": med["limit"] / med["moefast_onednn"],
         "eager_over_moefast": med["hf_eager"] / med["moefast"],
         "grouped_mm_over_moefast": med["hf_grouped_mm"] / med["moefast"],
     }
@@ -157,7 +171,7 @@ def main(argv=None) -> None:
     results = []
     print(
         "shape             dtype     moefast   limit/moefast (min)   eager/moefast  "
-        "grouped_mm/moefast  limit/moefast without its CPU cache"
+        "grouped_mm/moefast  limit/moefast without its CPU cache  limit/moefast on oneDNN GEMMs"
     )
     for shape in args.shapes:
         for dt in args.dtypes:
@@ -167,7 +181,8 @@ def main(argv=None) -> None:
                 f"{shape:17s} {dt:9s} {r['median_s']['moefast'] * 1e3:6.0f} ms  "
                 f"{r['limit_over_moefast']:.3f} ({r['limit_over_moefast_min']:.3f})        "
                 f"{r['eager_over_moefast']:6.2f}x        {r['grouped_mm_over_moefast']:6.2f}x"
-                f"             {r['limit_over_moefast_nocache']:.3f}",
+                f"             {r['limit_over_moefast_nocache']:.3f}"
+                f"                        {r['limit_over_moefast_onednn']:.3f}",
                 flush=True,
             )
     if args.out:

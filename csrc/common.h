@@ -28,6 +28,18 @@ inline std::atomic<bool>& poison_outputs_flag() {
   return flag;
 }
 
+// Whether the bfloat16 SwiGLU expert MLP on the CPU runs on moefast's own AVX512-BF16 GEMM
+// (csrc/cpu/bf16_gemm_kernel.h, where the CPU has it) instead of one oneDNN matmul per expert and
+// separate SwiGLU passes. On by default; MOEFAST_CPU_BF16_GEMM=0 turns it off at load, and
+// moefast._C.set_cpu_bf16_gemm(bool) at run time (the tests and benchmarks compare both paths).
+inline std::atomic<bool>& cpu_bf16_gemm_flag() {
+  static std::atomic<bool> flag{[] {
+    const char* env = std::getenv("MOEFAST_CPU_BF16_GEMM");
+    return env == nullptr || env[0] != '0';
+  }()};
+  return flag;
+}
+
 // csrc/cpu_cache.cpp: an empty CPU tensor from moefast's caching allocator (large blocks are kept
 // when freed and reused for the next output of the same size).
 at::Tensor empty_cpu_cached(at::IntArrayRef sizes, at::ScalarType dtype);

@@ -15,6 +15,8 @@ std::string grouped_mm_backend(const at::Tensor& a, const at::Tensor& b, bool we
 namespace moefast {
 // csrc/cpu_cache.cpp
 void cpu_cache_empty();
+// csrc/cpu/swiglu_mlp.cpp
+bool cpu_bf16_gemm_available();
 void cpu_cache_set_limit(int64_t bytes);
 std::tuple<int64_t, int64_t, int64_t, int64_t> cpu_cache_stats();
 }  // namespace moefast
@@ -50,6 +52,16 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "poison_outputs", []() { return moefast::poison_outputs_flag().load(); },
       "Whether kernel outputs are poisoned before they are written.");
+  m.def(
+      "set_cpu_bf16_gemm", [](bool on) { moefast::cpu_bf16_gemm_flag().store(on); },
+      pybind11::arg("on"),
+      "Whether the bfloat16 SwiGLU expert MLP on the CPU uses moefast's AVX512-BF16 GEMM with "
+      "fused SwiGLU (where the CPU has AVX512-BF16) or oneDNN matmuls and separate SwiGLU passes.");
+  m.def(
+      "cpu_bf16_gemm", []() { return moefast::cpu_bf16_gemm_flag().load(); },
+      "Whether the AVX512-BF16 GEMM path is switched on (see set_cpu_bf16_gemm).");
+  m.def("cpu_bf16_gemm_available", &moefast::cpu_bf16_gemm_available,
+        "Whether this CPU runs the AVX512-BF16 GEMM (AVX-512 F/BW/VL/DQ and BF16).");
   m.def("cpu_cache_empty", &moefast::cpu_cache_empty,
         "Frees the idle blocks of the caching allocator behind moefast's large CPU outputs.");
   m.def("cpu_cache_set_limit", &moefast::cpu_cache_set_limit, pybind11::arg("bytes"),

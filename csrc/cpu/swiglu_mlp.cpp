@@ -10,12 +10,19 @@
 //     a scratch block of the largest group's size, reused from expert to expert (and, through the
 //     CPU output cache, from call to call), instead of in two [N, H] / [N, 2H] tensors; each
 //     expert's five GEMMs run back to back, so its weights, gradients and rows are read while warm.
+//
+// In bfloat16, on a CPU with AVX512-BF16, the GEMMs that read a weight (x W1, act W2, grad_y W2^T,
+// dh W1^T) and the weight gradients (act^T grad_y, x^T dh) run on moefast's own kernel
+// (csrc/cpu/bf16_gemm_kernel.h) with SwiGLU fused into the first (h and act in one pass) and
+// SwiGLU's backward into the third (dact never reaches memory). cpu_bf16_gemm_flag() (common.h)
+// switches back to the oneDNN + SwiGLU-pass path, which float32 and every other CPU always take.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <algorithm>
 
+#include "bf16_gemm_kernel.h"
 #include "common.h"
 #include "grouped.h"
 
@@ -25,10 +32,40 @@ namespace moefast {
 void swiglu_into(const at::Tensor& h, at::Tensor& out);
 void swiglu_backward_into(const at::Tensor& grad, const at::Tensor& h, at::Tensor& dh);
 
+bool cpu_bf16_gemm_available() {
+  return cpu::bf16_gemm::available();
+}
+
 namespace {
 
 using cpu_grouped::check_offs;
 using cpu_grouped::for_each_group;
+namespace bg = cpu::bf16_gemm;
+
+// Whether this call's GEMMs take the AVX512-BF16 kernel.
+bool use_bf16_gemm(const at::Tensor& x) {
+  return x.scalar_type() == at::kBFloat16 && cpu_bf16_gemm_flag().load(std::memory_order_relaxed) &&
+         bg::available();
+}
+
+const cpu::Bf16* bf(const at::Tensor& t) {
+  return reinterpret_cast<const cpu::Bf16*>(t.const_data_ptr<at::BFloat16>());
+}
+cpu::Bf16* bf_mut(at::Tensor& t) {
+  return reinterpret_cast<cpu::Bf16*>(t.mutable_data_ptr<at::BFloat16>());
+}
+const cpu::Bf16* bf_or_null(const c10::optional<at::Tensor>& t, int64_t e) {
+  return t.has_value() && t->defined() ? bf(t->select(0, e)) : nullptr;
+}
+// A 2-D weight w as the GEMM's B [K, N]: w itself, or (transposed) its transpose.
+bg::Strided as_b(const at::Tensor& w, bool transposed) {
+  return transposed ? bg::Strided{bf(w), w.stride(1), w.stride(0)}
+                    : bg::Strided{bf(w), w.stride(0), w.stride(1)};
+}
+c10::optional<at::Tensor> contiguous_or_none(const c10::optional<at::Tensor>& t) {
+  if (!t.has_value() || !t->defined()) return c10::nullopt;
+  return t->contiguous();
+}
 
 // Checks of the shared arguments: x [N, d], w1 [E, d, 2H], w2 [E, H, d], offs [E].
 void check_mlp_args(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2,
@@ -75,6 +112,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> swiglu_mlp_cpu(
   const at::Tensor o = offs.contiguous();
   const int32_t* ends = o.const_data_ptr<int32_t>();
   const int64_t used = E == 0 ? 0 : ends[E - 1];
+  const bool fast = use_bf16_gemm(x);
+  const c10::optional<at::Tensor> b1c = contiguous_or_none(b1), b2c = contiguous_or_none(b2);
   for_each_group(ends, E, d, 2 * H2, [&](int64_t e) {
     const int64_t begin = group_begin(ends, e), n = group_end(ends, e) - begin;
     if (n == 0) return;
@@ -82,6 +121,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> swiglu_mlp_cpu(
     at::Tensor he = h.narrow(0, begin, n);
     at::Tensor ae = act.narrow(0, begin, n);
     at::Tensor ye = y.narrow(0, begin, n);
+    if (fast) {
+      bg::gemm_swiglu(bf(xe), d, n, d, as_b(w1.select(0, e), false), H, bf_or_null(b1c, e),
+                      bf_mut(he), bf_mut(ae), ATenParallelFor{});
+      bg::gemm(bf(ae), H, n, H, as_b(w2.select(0, e), false), d, bf_or_null(b2c, e), bf_mut(ye), d,
+               ATenParallelFor{});
+      return;
+    }
     cpu_grouped::group_mm_out(he, xe, w1, b1, e);
     swiglu_into(he, ae);
     cpu_grouped::group_mm_out(ye, ae, w2, b2, e);
@@ -135,6 +181,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> swiglu_ml
   // cache (csrc/cpu_cache.cpp) hands back on the next call.
   const int64_t slot_numel = largest * (H + H2);
   const bool parallel = cpu_grouped::groups_in_parallel(ends, E, d, 3 * H2);
+  const bool fast = use_bf16_gemm(x);
   at::Tensor scratch =
       empty_cpu_cached({(parallel ? at::get_num_threads() : 1) * slot_numel}, x.scalar_type());
   for_each_group(ends, E, d, 3 * H2, [&](int64_t e) {
@@ -154,6 +201,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> swiglu_ml
     at::Tensor dact = buf.narrow(0, 0, n * H).view({n, H});
     at::Tensor dh = buf.narrow(0, largest * H, n * H2).view({n, H2});
     const at::Tensor gy = grad_y.narrow(0, begin, n), xe = x.narrow(0, begin, n);
+    if (fast) {
+      bg::gemm_swiglu_bwd(bf(gy), d, n, d, as_b(w2.select(0, e), true), H,
+                          bf(h.narrow(0, begin, n)), bf_mut(dh), ATenParallelFor{});
+      bg::gemm_tn(bf(act.narrow(0, begin, n)), H, bf(gy), d, n, H, d, bf_mut(gw2), d,
+                  ATenParallelFor{});
+      if (bias) {
+        at::Tensor gb2 = grad_b2.select(0, e);
+        at::sum_out(gb2, gy, {0});
+      }
+      if (input_grad) {
+        at::Tensor gx = grad_x.narrow(0, begin, n);
+        bg::gemm(bf(dh), H2, n, H2, as_b(w1.select(0, e), true), d, nullptr, bf_mut(gx), d,
+                 ATenParallelFor{});
+      }
+      bg::gemm_tn(bf(xe), d, bf(dh), H2, n, d, H2, bf_mut(gw1), H2, ATenParallelFor{});
+      if (bias) {
+        at::Tensor gb1 = grad_b1.select(0, e);
+        at::sum_out(gb1, dh, {0});
+      }
+      return;
+    }
     at::mm_out(dact, gy, w2.select(0, e).t());
     at::mm_out(gw2, act.narrow(0, begin, n).t(), gy);
     if (bias) {
