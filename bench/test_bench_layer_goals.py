@@ -4,6 +4,8 @@ forward + backward, 4096 tokens, top-2, float32 and bfloat16, on a transformers 
 
 - ``limit``: the same FLOPs as plain dense GEMMs (``T * k`` rows through the SwiGLU expert's two
   GEMMs with torch.matmul, forward + backward);
+- ``moefast_nocache`` and ``moefast_onednn``: moefast with its CPU output cache off, and with its
+  AVX512-BF16 GEMM switched off (oneDNN matmuls for the expert GEMMs; bfloat16 only differs);
 - ``hf_eager`` and ``hf_grouped_mm``: the same block with transformers' "eager" and "grouped_mm"
   experts implementations.
 
@@ -27,7 +29,14 @@ transformers = pytest.importorskip("transformers")
 
 from layer_goals import SHAPES, K, T, variants  # noqa: E402  (bench/ is on sys.path)
 
-VARIANTS = ("moefast", "moefast_nocache", "hf_eager", "hf_grouped_mm", "limit")
+VARIANTS = (
+    "moefast",
+    "moefast_nocache",
+    "moefast_onednn",
+    "hf_eager",
+    "hf_grouped_mm",
+    "limit",
+)
 
 
 @functools.lru_cache(maxsize=1)

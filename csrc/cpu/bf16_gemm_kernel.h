@@ -385,19 +385,12 @@ MOEFAST_TARGET_AVX512_BF16 inline void block_tn(const uint16_t* Ap, int64_t n, i
 // shrunk; the kernels run on the pool's threads, so each keeps its own.
 struct Scratch {
   std::vector<uint16_t> packed;
-  std::vector<uint16_t> operand;  // gemm_tn's packed A, shared by the threads of one call
   std::vector<float> acc;
   uint16_t* blocks(int64_t K, int n) {
     const size_t need = static_cast<size_t>(block_elems(K) * n + 32);
     if (packed.size() < need) packed.resize(need);
     // 64-byte aligned start: the packed rows are read as whole vectors.
     auto addr = reinterpret_cast<uintptr_t>(packed.data());
-    return reinterpret_cast<uint16_t*>((addr + 63) & ~uintptr_t{63});
-  }
-  uint16_t* packed_a(int64_t elems) {
-    const size_t need = static_cast<size_t>(elems + 32);
-    if (operand.size() < need) operand.resize(need);
-    auto addr = reinterpret_cast<uintptr_t>(operand.data());
     return reinterpret_cast<uint16_t*>((addr + 63) & ~uintptr_t{63});
   }
   float* tiles() {
@@ -480,16 +473,24 @@ void gemm_swiglu_bwd(const Bf16* A, int64_t lda, int64_t M, int64_t K, Strided W
 #endif
 }
 
+// uint16 elements of the workspace gemm_tn packs A into (with room to align it to 64 bytes).
+inline int64_t tn_workspace_elems(int64_t n, int64_t Kp) {
+  return num_blocks(Kp) * block_elems(n) + 32;
+}
+
 // dW [Kp, Np] (rows ldw apart) = A^T @ G over n rows: A [n, Kp] (rows lda apart), G [n, Np]
-// (rows ldg apart); the weight gradient of out = A @ W. A is packed first (all threads, into the
-// calling thread's buffer), then each thread packs its column blocks of G and runs them.
+// (rows ldg apart); the weight gradient of out = A @ W. A is packed first, by all threads, into
+// `workspace` (tn_workspace_elems(n, Kp), the caller's, so that its size follows the call's and
+// not the largest call a thread ever saw), then each thread packs its column blocks of G (n x 64
+// values in its own buffer) and runs them.
 template <typename ParallelFor>
 void gemm_tn(const Bf16* A, int64_t lda, const Bf16* G, int64_t ldg, int64_t n, int64_t Kp,
-             int64_t Np, Bf16* dW, int64_t ldw, ParallelFor pf) {
+             int64_t Np, Bf16* dW, int64_t ldw, uint16_t* workspace, ParallelFor pf) {
 #if MOEFAST_BF16_GEMM_X86
   if (Kp == 0 || Np == 0) return;
   const int64_t per = block_elems(n);
-  uint16_t* Ap = thread_scratch().packed_a(num_blocks(Kp) * per);
+  const auto addr = reinterpret_cast<uintptr_t>(workspace);
+  uint16_t* Ap = reinterpret_cast<uint16_t*>((addr + 63) & ~uintptr_t{63});
   pf(0, num_blocks(Kp), 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       pack_block(Strided{A, lda, 1}, n, b * kCols, std::min(kCols, Kp - b * kCols), Ap + b * per);
@@ -506,7 +507,7 @@ void gemm_tn(const Bf16* A, int64_t lda, const Bf16* G, int64_t ldg, int64_t n, 
   });
 #else
   (void)A, (void)lda, (void)G, (void)ldg, (void)n, (void)Kp, (void)Np, (void)dW, (void)ldw,
-      (void)pf;
+      (void)workspace, (void)pf;
 #endif
 }
 

@@ -179,9 +179,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> swiglu_ml
   // [dact | dh] of the expert in flight, one slot per worker (one slot when the experts run one
   // after the other), sized for the largest group: one allocation per call, which the CPU output
   // cache (csrc/cpu_cache.cpp) hands back on the next call.
-  const int64_t slot_numel = largest * (H + H2);
   const bool parallel = cpu_grouped::groups_in_parallel(ends, E, d, 3 * H2);
   const bool fast = use_bf16_gemm(x);
+  // The AVX512-BF16 weight gradients only up to kMaxTnRows rows per expert: their packed operands
+  // grow with the rows (A in this call's scratch, a 64-column block of the gradient per thread).
+  constexpr int64_t kMaxTnRows = 32768;
+  const bool fast_tn = fast && largest <= kMaxTnRows;
+  // ... and, for them, the packed x or act of the expert in flight, in bfloat16 elements.
+  const int64_t tn_numel =
+      fast_tn ? (bg::tn_workspace_elems(largest, std::max(d, H)) + 1) / 2 * 2 : 0;
+  const int64_t slot_numel = largest * (H + H2) + tn_numel;
   at::Tensor scratch =
       empty_cpu_cached({(parallel ? at::get_num_threads() : 1) * slot_numel}, x.scalar_type());
   for_each_group(ends, E, d, 3 * H2, [&](int64_t e) {
@@ -204,8 +211,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> swiglu_ml
     if (fast) {
       bg::gemm_swiglu_bwd(bf(gy), d, n, d, as_b(w2.select(0, e), true), H,
                           bf(h.narrow(0, begin, n)), bf_mut(dh), ATenParallelFor{});
-      bg::gemm_tn(bf(act.narrow(0, begin, n)), H, bf(gy), d, n, H, d, bf_mut(gw2), d,
-                  ATenParallelFor{});
+      uint16_t* tn_ws =
+          reinterpret_cast<uint16_t*>(buf.data_ptr<at::BFloat16>()) + largest * (H + H2);
+      if (fast_tn) {
+        bg::gemm_tn(bf(act.narrow(0, begin, n)), H, bf(gy), d, n, H, d, bf_mut(gw2), d, tn_ws,
+                    ATenParallelFor{});
+      } else {
+        at::mm_out(gw2, act.narrow(0, begin, n).t(), gy);
+      }
       if (bias) {
         at::Tensor gb2 = grad_b2.select(0, e);
         at::sum_out(gb2, gy, {0});
@@ -215,7 +228,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> swiglu_ml
         bg::gemm(bf(dh), H2, n, H2, as_b(w1.select(0, e), true), d, nullptr, bf_mut(gx), d,
                  ATenParallelFor{});
       }
-      bg::gemm_tn(bf(xe), d, bf(dh), H2, n, d, H2, bf_mut(gw1), H2, ATenParallelFor{});
+      if (fast_tn) {
+        bg::gemm_tn(bf(xe), d, bf(dh), H2, n, d, H2, bf_mut(gw1), H2, tn_ws, ATenParallelFor{});
+      } else {
+        at::mm_out(gw1, xe.t(), dh);
+      }
       if (bias) {
         at::Tensor gb1 = grad_b1.select(0, e);
         at::sum_out(gb1, dh, {0});
