@@ -14,6 +14,8 @@ the fastest round of each variant). ``bench/test_bench_layer_goals.py`` is the s
 pytest-benchmark figures, one variant after another.
 
     python bench/layer_goals.py --rounds 15 --out bench/results/layer-goals-interleaved.json
+    python bench/layer_goals.py --replot bench/results/layer-goals-interleaved-bf16gemm*.json \
+        --plot bench/results/layer-goals-bf16gemm.png   # a plot of saved runs, nothing timed
 """
 
 from __future__ import annotations
@@ -161,13 +163,80 @@ def measure(shape: str, dtype: torch.dtype, rounds: int, warmup: int = 2) -> dic
     }
 
 
+PLOT_VARIANTS = ("moefast", "moefast_onednn", "moefast_nocache", "hf_eager", "hf_grouped_mm")
+
+
+def plot(runs: list[dict], path: str) -> None:
+    """One panel per shape: limit / variant (median over rounds) for every variant and dtype,
+    one marker per saved run, and the 0.90 goal as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shapes = list(dict.fromkeys(r["shape"] for run in runs for r in run["results"]))
+    dtypes = list(dict.fromkeys(r["dtype"] for run in runs for r in run["results"]))
+    fig, axes = plt.subplots(1, len(shapes), figsize=(6 * len(shapes), 4.2), squeeze=False)
+    width = 0.8 / len(PLOT_VARIANTS)
+    for ax, shape in zip(axes[0], shapes, strict=True):
+        for vi, variant in enumerate(PLOT_VARIANTS):
+            xs, ys = [], []
+            for di, dt in enumerate(dtypes):
+                for run in runs:
+                    for r in run["results"]:
+                        med = r["median_s"]
+                        if r["shape"] == shape and r["dtype"] == dt and variant in med:
+                            xs.append(di + (vi - (len(PLOT_VARIANTS) - 1) / 2) * width)
+                            ys.append(med["limit"] / med[variant])
+            ax.scatter(xs, ys, s=28, label=variant, zorder=3)
+        if shape == "mixtral-like":
+            ax.axhline(0.9, color="k", ls="--", lw=1, label="goal: 0.90 of the limit")
+        else:
+            ax.text(
+                0.02,
+                0.97,
+                "goal: moefast 1.5x faster than hf_eager",
+                transform=ax.transAxes,
+                va="top",
+                fontsize=9,
+            )
+        ax.set_xticks(range(len(dtypes)), dtypes)
+        ax.set_ylim(0, max(1.1, ax.get_ylim()[1]))
+        ax.set_title(f"{shape}: forward + backward, T 4096, top-2")
+        ax.set_ylabel("limit / variant (median time; 1 = dense GEMMs)")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].legend(fontsize=8, loc="lower left")
+    dev = runs[0]["meta"]
+    fig.suptitle(
+        f"MoE layer goals, CPU ({dev['device']}, {dev['cpu_count']} threads, torch {dev['torch']}); "
+        f"{len(runs)} interleaved run(s), one marker each",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--rounds", type=int, default=9)
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     p.add_argument("--out", help="write the results as JSON here")
+    p.add_argument("--plot", help="draw limit / variant per shape and dtype into this PNG")
+    p.add_argument(
+        "--replot", nargs="+", metavar="JSON", help="plot these saved runs; time nothing"
+    )
     args = p.parse_args(argv)
+    if args.replot:
+        if not args.plot:
+            p.error("--replot needs --plot PNG")
+        runs = []
+        for name in args.replot:
+            with open(name) as f:
+                runs.append(json.load(f))
+        plot(runs, args.plot)
+        return
     results = []
     print(
         "shape             dtype     moefast   limit/moefast (min)   eager/moefast  "
@@ -194,6 +263,13 @@ def main(argv=None) -> None:
         }
         with open(args.out, "w") as f:
             json.dump({"meta": meta, "results": results}, f, indent=1)
+    if args.plot:
+        meta = {
+            "device": platform.processor() or platform.machine(),
+            "cpu_count": torch.get_num_threads(),
+            "torch": torch.__version__,
+        }
+        plot([{"meta": meta, "results": results}], args.plot)
 
 
 if __name__ == "__main__":
