@@ -15,10 +15,10 @@ std::string grouped_mm_backend(const at::Tensor& a, const at::Tensor& b, bool we
 namespace moefast {
 // csrc/cpu_cache.cpp
 void cpu_cache_empty();
-// csrc/cpu/swiglu_mlp.cpp
-bool cpu_bf16_gemm_available();
 void cpu_cache_set_limit(int64_t bytes);
 std::tuple<int64_t, int64_t, int64_t, int64_t> cpu_cache_stats();
+// csrc/cpu/swiglu_mlp.cpp
+bool cpu_bf16_gemm_available();
 }  // namespace moefast
 
 #ifndef MOEFAST_VERSION
