@@ -254,21 +254,16 @@ def main(argv=None) -> None:
                 f"                        {r['limit_over_moefast_onednn']:.3f}",
                 flush=True,
             )
+    meta = {
+        "device": platform.processor() or platform.machine(),
+        "cpu_count": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "command": "python bench/layer_goals.py " + " ".join(argv or sys.argv[1:]),
+    }
     if args.out:
-        meta = {
-            "device": platform.processor() or platform.machine(),
-            "cpu_count": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "command": "python bench/layer_goals.py " + " ".join(argv or sys.argv[1:]),
-        }
         with open(args.out, "w") as f:
             json.dump({"meta": meta, "results": results}, f, indent=1)
     if args.plot:
-        meta = {
-            "device": platform.processor() or platform.machine(),
-            "cpu_count": torch.get_num_threads(),
-            "torch": torch.__version__,
-        }
         plot([{"meta": meta, "results": results}], args.plot)
 
 
