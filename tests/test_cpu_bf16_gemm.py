@@ -3,7 +3,8 @@ forward and backward against a float64 reference and against the oneDNN path it 
 shapes its tiling has edges at (rows per expert not a multiple of the 6-row tile, widths not a
 multiple of the 64-column block, odd K), the routing edge cases, strided weights (each of the
 packer's three ways in), biases, and through the ``moefast.nn.MoE`` layer. Skipped on CPUs without
-AVX512-BF16, where the op always takes the oneDNN path."""
+AVX512-BF16, where the op always takes the oneDNN path. The same for grouped_mm, its data and
+weight gradients, and the MoE layer's non-SwiGLU experts, which run on the same kernel."""
 
 from __future__ import annotations
 
@@ -195,3 +196,145 @@ def test_moe_layer_training_step_agrees_with_onednn_path(gen):
     for a, b in zip(results[True], results[False], strict=True):
         assert a is not None and b is not None
         assert rel(a, b) < 5e-3
+
+
+# --- grouped_mm (and so grouped_mm_act, nn.GroupedLinear and the non-SwiGLU experts) -------------
+
+GMM_CASES = {
+    # name: (K, M, counts)
+    "tile-edges": (33, 70, [13, 0, 64, 7]),
+    "odd-k-tiny": (7, 5, [10, 1, 37]),
+    "blocks": (128, 192, [200, 131]),
+    "all-on-one-expert": (64, 64, [0, 0, 150]),
+    "zero-tokens": (16, 8, [0, 0]),
+    "unused-tail-rows": (40, 24, [5, 9]),
+    # small groups: for_each_group runs the experts in parallel, one workspace slot per thread
+    "64-small-experts": (48, 40, [3, 0, 5, 1, 7, 2, 0, 4] * 8),
+    "past-the-weight-grad-row-cap": (16, 8, [32769, 5]),
+}
+
+
+def gmm_weight(E, K, M, layout, gen):
+    """b [E, K, M] in bfloat16, stored as asked (see weights())."""
+    if layout == "contiguous":
+        b = randn(E, K, M, gen=gen, scale=K**-0.5)
+    elif layout == "transposed":
+        b = randn(E, M, K, gen=gen, scale=K**-0.5).transpose(1, 2)
+    else:
+        b = randn(E, K, 2 * M, gen=gen, scale=K**-0.5)[:, :, ::2]
+    return b.to(BF16)
+
+
+def gmm_input(N, K, layout, gen):
+    """a [N, K] in bfloat16: contiguous, rows further apart than K ("row-strided", a column slice
+    of a wider tensor, which the kernel reads in place) or a column stride of 2 ("col-strided",
+    which it copies first)."""
+    if layout == "contiguous":
+        return randn(N, K, gen=gen).to(BF16)
+    if layout == "row-strided":
+        return randn(N, K + 9, gen=gen).to(BF16)[:, 3 : 3 + K]
+    return randn(N, 2 * K, gen=gen).to(BF16)[:, ::2]
+
+
+def run_gmm(a, b, bias, offs, gy):
+    """grouped_mm's forward, the data gradient (grouped_mm on b transposed, as the autograd formula
+    calls it) and the weight gradient."""
+    out = torch.ops.moefast.grouped_mm(a, b, offs, bias)
+    grad_a = torch.ops.moefast.grouped_mm(gy, b.transpose(1, 2), offs)
+    grad_b = torch.ops.moefast.grouped_mm_weight_grad(a, gy, offs)
+    return out, grad_a, grad_b
+
+
+GMM_PARAMS = [
+    (case, a_layout, b_layout)
+    for case in GMM_CASES
+    for a_layout in ("contiguous", "row-strided", "col-strided")
+    for b_layout in ("contiguous", "transposed", "strided")
+    # one layout is enough for the 32,774-row case
+    if case != "past-the-weight-grad-row-cap" or (a_layout, b_layout) == ("contiguous", "strided")
+]
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize(("case", "a_layout", "b_layout"), GMM_PARAMS)
+def test_grouped_mm_matches_reference_and_onednn_path(case, a_layout, b_layout, bias, gen):
+    K, M, counts = GMM_CASES[case]
+    E = len(counts)
+    N = sum(counts) + (3 if case == "unused-tail-rows" else 0)
+    a = gmm_input(N, K, a_layout, gen)
+    b = gmm_weight(E, K, M, b_layout, gen)
+    bb = randn(E, M, gen=gen, scale=0.1).to(BF16) if bias else None
+    gy = randn(N, M, gen=gen).to(BF16)
+    offs = offs_from_counts(counts)
+    with bf16_gemm(True):
+        fast = run_gmm(a, b, bb, offs, gy)
+    with bf16_gemm(False):
+        slow = run_gmm(a, b, bb, offs, gy)
+    for name, u, v in zip(["out", "grad_a", "grad_b"], fast, slow, strict=True):
+        assert u.shape == v.shape and u.dtype == v.dtype, name
+        assert not u.isnan().any(), f"{name}: unwritten (poisoned) elements"
+        if u.numel() and v.abs().sum() > 0:
+            assert rel(u, v) < 4e-3, (name, rel(u, v))
+        else:
+            assert torch.equal(u, v), name
+    # float64 reference from the same bfloat16 values.
+    used = sum(counts)
+    out_ref = torch.zeros(N, M, dtype=torch.float64)
+    grad_a_ref = torch.zeros(N, K, dtype=torch.float64)
+    grad_b_ref = torch.zeros(E, K, M, dtype=torch.float64)
+    begin = 0
+    for e, n in enumerate(counts):
+        rows = slice(begin, begin + n)
+        out_ref[rows] = a[rows].double() @ b[e].double()
+        if bias:
+            out_ref[rows] += bb[e].double()
+        grad_a_ref[rows] = gy[rows].double() @ b[e].double().T
+        grad_b_ref[e] = a[rows].double().T @ gy[rows].double()
+        begin += n
+    if used == 0:
+        assert fast[0].abs().sum() == 0 and fast[2].abs().sum() == 0
+        return
+    assert rel(fast[0], out_ref) < 2e-2
+    assert rel(fast[1], grad_a_ref) < 2e-2
+    assert rel(fast[2], grad_b_ref) < 2e-2
+    assert fast[0][used:].abs().sum() == 0 and fast[1][used:].abs().sum() == 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            assert fast[2][e].abs().sum() == 0
+
+
+def test_grouped_mm_switch_selects_the_kernel(gen):
+    """With the switch on, grouped_mm and its weight gradient call no aten::mm; off, one per expert
+    each. (Groups large enough to run one after the other, on the profiled thread.)"""
+    K, M, counts = 128, 192, [400, 300, 250]
+    a = randn(sum(counts), K, gen=gen).to(BF16)
+    b = gmm_weight(3, K, M, "contiguous", gen)
+    gy = randn(sum(counts), M, gen=gen).to(BF16)
+    offs = offs_from_counts(counts)
+    seen = {}
+    for on in (True, False):
+        with bf16_gemm(on), torch.profiler.profile() as prof:
+            run_gmm(a, b, None, offs, gy)
+        seen[on] = sum(e.count for e in prof.key_averages() if e.key in ("aten::mm", "aten::addmm"))
+    assert seen[True] == 0
+    assert seen[False] == 3 * 3  # forward, data and weight gradient per expert
+
+
+@pytest.mark.parametrize("activation", ["gelu", "relu", "silu"])
+def test_moe_layer_non_swiglu_agrees_with_onednn_path(activation, gen):
+    """A bfloat16 MoE layer whose experts are two grouped_mm_act calls: output, input gradient and
+    every parameter gradient agree between the two paths."""
+    torch.manual_seed(1)
+    moe = MoE(40, 72, num_experts=6, k=2, activation=activation).to(BF16)
+    x = randn(2, 45, 40, gen=gen).to(BF16)
+    results = {}
+    for on in (True, False):
+        xi = x.clone().requires_grad_(True)
+        moe.zero_grad(set_to_none=True)
+        with bf16_gemm(on):
+            y = moe(xi)
+            (y.float() ** 2).sum().backward()
+        results[on] = [y.detach(), xi.grad, *(p.grad for p in moe.parameters())]
+    for u, v in zip(results[True], results[False], strict=True):
+        assert u is not None and v is not None
+        assert rel(u, v) < 5e-3

@@ -1,5 +1,5 @@
 // Helpers of the CPU grouped kernels (csrc/cpu/grouped_mm.cpp, csrc/cpu/swiglu_mlp.cpp): the check
-// of offs' values and the loop over experts.
+// of offs' values, the loop over experts, and the bfloat16 views the AVX512-BF16 GEMM takes.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -9,6 +9,7 @@
 #include <atomic>
 #include <vector>
 
+#include "bf16_gemm_kernel.h"
 #include "common.h"
 
 namespace moefast {
@@ -41,6 +42,39 @@ inline void group_mm_out(at::Tensor& dst, const at::Tensor& rows, const at::Tens
   } else {
     at::mm_out(dst, rows, b.select(0, e));
   }
+}
+
+// Whether a call on x (the rows) runs its GEMMs on moefast's AVX512-BF16 kernel
+// (csrc/cpu/bf16_gemm_kernel.h): bfloat16, the switch on (cpu_bf16_gemm_flag, common.h) and a CPU
+// that has the instructions. Everything else takes oneDNN through at::mm.
+inline bool use_bf16_gemm(const at::Tensor& x) {
+  return x.scalar_type() == at::kBFloat16 && cpu_bf16_gemm_flag().load(std::memory_order_relaxed) &&
+         cpu::bf16_gemm::available();
+}
+
+// The kernel's weight gradients (gemm_tn) only up to this many rows per group: their packed
+// operands grow with the rows (A in the caller's workspace, a 64-column block of the gradient per
+// thread); larger groups take at::mm.
+constexpr int64_t kMaxBf16TnRows = 32768;
+
+inline const cpu::Bf16* bf(const at::Tensor& t) {
+  return reinterpret_cast<const cpu::Bf16*>(t.const_data_ptr<at::BFloat16>());
+}
+inline cpu::Bf16* bf_mut(at::Tensor& t) {
+  return reinterpret_cast<cpu::Bf16*>(t.mutable_data_ptr<at::BFloat16>());
+}
+// bias[e] of an optional [E, M] bias (contiguous rows), or null.
+inline const cpu::Bf16* bf_or_null(const c10::optional<at::Tensor>& t, int64_t e) {
+  return t.has_value() && t->defined() ? bf(t->select(0, e)) : nullptr;
+}
+// A 2-D weight w as the kernel's B [K, N]: w itself, or (transposed) its transpose; any strides.
+inline cpu::bf16_gemm::Strided as_b(const at::Tensor& w, bool transposed) {
+  return transposed ? cpu::bf16_gemm::Strided{bf(w), w.stride(1), w.stride(0)}
+                    : cpu::bf16_gemm::Strided{bf(w), w.stride(0), w.stride(1)};
+}
+inline c10::optional<at::Tensor> contiguous_or_none(const c10::optional<at::Tensor>& t) {
+  if (!t.has_value() || !t->defined()) return c10::nullopt;
+  return t->contiguous();
 }
 
 // Whether for_each_group runs the groups in parallel (small groups) or one after the other.

@@ -22,7 +22,6 @@
 
 #include <algorithm>
 
-#include "bf16_gemm_kernel.h"
 #include "common.h"
 #include "grouped.h"
 
@@ -41,31 +40,13 @@ namespace {
 using cpu_grouped::check_offs;
 using cpu_grouped::for_each_group;
 namespace bg = cpu::bf16_gemm;
-
-// Whether this call's GEMMs take the AVX512-BF16 kernel.
-bool use_bf16_gemm(const at::Tensor& x) {
-  return x.scalar_type() == at::kBFloat16 && cpu_bf16_gemm_flag().load(std::memory_order_relaxed) &&
-         bg::available();
-}
-
-const cpu::Bf16* bf(const at::Tensor& t) {
-  return reinterpret_cast<const cpu::Bf16*>(t.const_data_ptr<at::BFloat16>());
-}
-cpu::Bf16* bf_mut(at::Tensor& t) {
-  return reinterpret_cast<cpu::Bf16*>(t.mutable_data_ptr<at::BFloat16>());
-}
-const cpu::Bf16* bf_or_null(const c10::optional<at::Tensor>& t, int64_t e) {
-  return t.has_value() && t->defined() ? bf(t->select(0, e)) : nullptr;
-}
-// A 2-D weight w as the GEMM's B [K, N]: w itself, or (transposed) its transpose.
-bg::Strided as_b(const at::Tensor& w, bool transposed) {
-  return transposed ? bg::Strided{bf(w), w.stride(1), w.stride(0)}
-                    : bg::Strided{bf(w), w.stride(0), w.stride(1)};
-}
-c10::optional<at::Tensor> contiguous_or_none(const c10::optional<at::Tensor>& t) {
-  if (!t.has_value() || !t->defined()) return c10::nullopt;
-  return t->contiguous();
-}
+using cpu_grouped::as_b;
+using cpu_grouped::bf;
+using cpu_grouped::bf_mut;
+using cpu_grouped::bf_or_null;
+using cpu_grouped::contiguous_or_none;
+using cpu_grouped::kMaxBf16TnRows;
+using cpu_grouped::use_bf16_gemm;
 
 // Checks of the shared arguments: x [N, d], w1 [E, d, 2H], w2 [E, H, d], offs [E].
 void check_mlp_args(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2,
@@ -181,10 +162,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> swiglu_ml
   // cache (csrc/cpu_cache.cpp) hands back on the next call.
   const bool parallel = cpu_grouped::groups_in_parallel(ends, E, d, 3 * H2);
   const bool fast = use_bf16_gemm(x);
-  // The AVX512-BF16 weight gradients only up to kMaxTnRows rows per expert: their packed operands
-  // grow with the rows (A in this call's scratch, a 64-column block of the gradient per thread).
-  constexpr int64_t kMaxTnRows = 32768;
-  const bool fast_tn = fast && largest <= kMaxTnRows;
+  const bool fast_tn = fast && largest <= kMaxBf16TnRows;
   // ... and, for them, the packed x or act of the expert in flight, in bfloat16 elements.
   const int64_t tn_numel =
       fast_tn ? (bg::tn_workspace_elems(largest, std::max(d, H)) + 1) / 2 * 2 : 0;
