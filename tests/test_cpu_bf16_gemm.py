@@ -86,6 +86,33 @@ def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
+def assert_training_step_agrees(moe, x):
+    """One forward + backward of the layer with the kernel and with oneDNN: the output, the input
+    gradient and every parameter gradient agree."""
+    results = {}
+    for on in (True, False):
+        xi = x.clone().requires_grad_(True)
+        moe.zero_grad(set_to_none=True)
+        with bf16_gemm(on):
+            y = moe(xi)
+            (y.float() ** 2).sum().backward()
+        results[on] = [y.detach(), xi.grad, *(p.grad for p in moe.parameters())]
+    for a, b in zip(results[True], results[False], strict=True):
+        assert a is not None and b is not None
+        assert rel(a, b) < 5e-3
+
+
+def mm_calls(fn):
+    """How many aten::mm / aten::addmm calls fn makes on this thread, with the kernel switched on
+    and off: {True: n_on, False: n_off}."""
+    seen = {}
+    for on in (True, False):
+        with bf16_gemm(on), torch.profiler.profile() as prof:
+            fn()
+        seen[on] = sum(e.count for e in prof.key_averages() if e.key in ("aten::mm", "aten::addmm"))
+    return seen
+
+
 CASES = {
     # name: (d, H, counts)
     "tile-edges": (33, 70, [13, 0, 64, 7]),
@@ -154,11 +181,7 @@ def test_the_switch_selects_the_kernel(gen):
     w1, w2 = weights(2, d, H, "contiguous", gen)
     gy = randn(sum(counts), d, gen=gen).to(BF16)
     offs = offs_from_counts(counts)
-    seen = {}
-    for on in (True, False):
-        with bf16_gemm(on), torch.profiler.profile() as prof:
-            run_op(x, w1, None, w2, None, offs, gy)
-        seen[on] = sum(e.count for e in prof.key_averages() if e.key in ("aten::mm", "aten::addmm"))
+    seen = mm_calls(lambda: run_op(x, w1, None, w2, None, offs, gy))
     assert seen[True] == 0
     assert seen[False] == 2 * 6  # six GEMMs per expert
 
@@ -185,17 +208,7 @@ def test_moe_layer_training_step_agrees_with_onednn_path(gen):
     torch.manual_seed(0)
     moe = MoE(48, 80, num_experts=5, k=2, activation="swiglu").to(BF16)
     x = randn(3, 37, 48, gen=gen).to(BF16)
-    results = {}
-    for on in (True, False):
-        xi = x.clone().requires_grad_(True)
-        moe.zero_grad(set_to_none=True)
-        with bf16_gemm(on):
-            y = moe(xi)
-            (y.float() ** 2).sum().backward()
-        results[on] = [y.detach(), xi.grad, *(p.grad for p in moe.parameters())]
-    for a, b in zip(results[True], results[False], strict=True):
-        assert a is not None and b is not None
-        assert rel(a, b) < 5e-3
+    assert_training_step_agrees(moe, x)
 
 
 # --- grouped_mm (and so grouped_mm_act, nn.GroupedLinear and the non-SwiGLU experts) -------------
@@ -311,11 +324,7 @@ def test_grouped_mm_switch_selects_the_kernel(gen):
     b = gmm_weight(3, K, M, "contiguous", gen)
     gy = randn(sum(counts), M, gen=gen).to(BF16)
     offs = offs_from_counts(counts)
-    seen = {}
-    for on in (True, False):
-        with bf16_gemm(on), torch.profiler.profile() as prof:
-            run_gmm(a, b, None, offs, gy)
-        seen[on] = sum(e.count for e in prof.key_averages() if e.key in ("aten::mm", "aten::addmm"))
+    seen = mm_calls(lambda: run_gmm(a, b, None, offs, gy))
     assert seen[True] == 0
     assert seen[False] == 3 * 3  # forward, data and weight gradient per expert
 
@@ -327,14 +336,4 @@ def test_moe_layer_non_swiglu_agrees_with_onednn_path(activation, gen):
     torch.manual_seed(1)
     moe = MoE(40, 72, num_experts=6, k=2, activation=activation).to(BF16)
     x = randn(2, 45, 40, gen=gen).to(BF16)
-    results = {}
-    for on in (True, False):
-        xi = x.clone().requires_grad_(True)
-        moe.zero_grad(set_to_none=True)
-        with bf16_gemm(on):
-            y = moe(xi)
-            (y.float() ** 2).sum().backward()
-        results[on] = [y.detach(), xi.grad, *(p.grad for p in moe.parameters())]
-    for u, v in zip(results[True], results[False], strict=True):
-        assert u is not None and v is not None
-        assert rel(u, v) < 5e-3
+    assert_training_step_agrees(moe, x)
